@@ -1,0 +1,83 @@
+"""Training throughput of a paper's recipe through the shared engine.
+
+    python benchmarks/train_throughput.py barlow --config barlow/configs/in1k_1000ep.yaml --steps 30 \
+        train.batch_size=256 [key=value ...]
+
+Data: `--data synthetic` renders and augments the built-in dataset in DataLoader workers (the
+whole pipeline); `--data tensors` feeds pre-made random views of the recipe's size, so the figure
+is the model + optimizer step (what a GPU benchmark should isolate). Prints the median images/s
+over the steps after `--warmup`, and the peak GPU memory when on GPU. Runs on any device; quote
+figures with the command and the machine that produced them (see benchmarks/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from shared import dist
+from shared.config import build_config
+from shared.data.augment import MultiView
+from shared.data.loader import build_image_dataset
+from shared.engine import fit
+
+
+class RandomViews(Dataset):
+    def __init__(self, n: int, sizes: list[int]):
+        self.n, self.sizes = n, sizes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return [torch.randn(3, s, s) for s in self.sizes], 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("method", help="paper folder whose train.py defines Config and build(cfg), e.g. barlow")
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--data", choices=["synthetic", "tensors"], default="tensors")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    module = importlib.import_module(f"{a.method}.train")
+    out = Path(tempfile.mkdtemp(prefix="bench-"))
+    cfg = build_config(module.Config, [a.config], a.overrides + [
+        f"train.out_dir={out}", "train.resume=false", "train.log_every=1", "train.tensorboard=false",
+        "train.ckpt_every_epochs=0", "eval.after_train=[]", "data.source=synthetic", "train.drop_last=true"])
+    n = cfg.train.batch_size * (a.steps + a.warmup)
+    sizes = [v.size for v in cfg.aug.views for _ in range(v.n)]
+    cfg.train.epochs = 1
+    _, device = dist.init(cfg.train.device)
+    if a.data == "synthetic":
+        cfg.data.synthetic.length = n
+        cfg.data.synthetic.image_size = max(sizes)
+        dataset, transform = build_image_dataset(cfg.data, "train"), MultiView(cfg.aug.views)
+    else:
+        dataset, transform = RandomViews(n, sizes), None
+    torch.manual_seed(0)
+    model = module.build(cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fit(cfg, model, dataset, transform, method=f"bench-{a.method}")
+    rates = [json.loads(line)["img_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = rates[a.warmup:]
+    result = {"method": a.method, "config": a.config, "overrides": a.overrides, "data": a.data,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "world_size": dist.world_size(), "global_batch": cfg.train.batch_size, "amp": cfg.train.amp,
+              "steps_measured": len(steady), "img_per_s_median": statistics.median(steady) if steady else None}
+    if device.type == "cuda":
+        result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    dist.print0(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

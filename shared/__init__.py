@@ -1,0 +1,1 @@
+"""The common package: config, data, models, dist, optim, engine, checkpoint, logging, eval."""

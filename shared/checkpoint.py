@@ -1,0 +1,89 @@
+"""Checkpoints: atomic writes, plain tensors and dicts only (`torch.load(weights_only=True)` works),
+and export of the backbone alone in its library's key names (torchvision for ResNets)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from shared.errors import UserError
+
+LAST = "last.pt"
+BACKBONE = "backbone.pt"
+FORMAT = "ssl-reference/1"
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
+    point leaves either the old file or the new one, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated file, a pickle with arbitrary objects, ...
+        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+                   step: int, epoch: int, config: Dict[str, Any], method: str) -> Dict[str, Any]:
+    return {"format": FORMAT, "method": method, "step": step, "epoch": epoch, "config": config,
+            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+
+
+def backbone_state_dict(model_state: Dict[str, torch.Tensor], prefix: str = "backbone.") -> Dict[str, torch.Tensor]:
+    """The backbone's own keys from a method's state dict (methods keep their encoder at `.backbone`)."""
+    out = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    if not out:
+        raise UserError(f"no '{prefix}*' keys in this checkpoint's model state")
+    return out
+
+
+def export_backbone(model: nn.Module, path: str | Path) -> Path:
+    """Save `model.backbone.state_dict()` as a plain dict: for a ResNet, `torchvision.models.resnet50()`
+    loads it with `strict=False` missing only `fc.weight` and `fc.bias`."""
+    sd = {k: v.detach().cpu().clone() for k, v in unwrap(model).backbone.state_dict().items()}
+    return save_atomic(sd, path)

@@ -1,0 +1,394 @@
+"""Typed configs: dataclasses are the schema, YAML recipes the data, `key=value` the overrides.
+
+A paper subclasses `RunConfig` and replaces `model` with its own dataclass (a subclass of
+`ModelConfig`). `load_config(PaperConfig, argv)` merges defaults <- recipe file(s) <- overrides,
+checks every key and type, and fails with one line naming the key, the file and the nearest
+valid keys. Every section below documents its keys; a recipe sets only what differs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from shared.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field restricted to `choices` (checked after loading, with the key in the message)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+# ----------------------------------------------------------------------------------------- data
+@dataclass
+class SyntheticConfig:
+    """The built-in procedural dataset (`shared.data.synthetic`)."""
+
+    length: int = 2048            # training images
+    val_length: int = 512         # validation images (a disjoint seed stream)
+    image_size: int = 64
+    num_classes: int = 8          # first N of the shape classes
+    max_objects: int = 3          # 1 labelled object + up to N-1 smaller distractors
+    texture: float = 1.0          # strength of the background structure (0: one flat colour)
+    palette: int = 0              # 0: any RGB colour; N: colours drawn from N fixed hues
+    rotation: float = 180.0       # shapes are rotated by U(-rotation, rotation) degrees
+    seed: int = 0
+    cache: bool = True            # render once into memory (workers share it copy-on-write)
+
+
+@dataclass
+class DataConfig:
+    source: str = choice("synthetic", "synthetic", "folder")
+    root: str = ""                # folder: the dataset root holding train_dir/ and val_dir/
+    train_dir: str = "train"
+    val_dir: str = "val"
+    skip_bad_files: bool = False  # folder: replace unreadable images by the next one, and count them
+    workers: int = 8              # DataLoader workers per process
+    pin_memory: bool = True
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ViewConfig:
+    """One augmented view. `order` lists the ops as applied; an op with probability 0 is skipped."""
+
+    n: int = 1                                      # number of crops drawn with this recipe
+    size: int = 224
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    interpolation: str = choice("bilinear", "bilinear", "bicubic")
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness contrast saturation hue
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)    # PIL GaussianBlur radius ~ U(a, b)
+    solarize_p: float = 0.0
+    solarize_threshold: int = 128
+    order: List[str] = field(default_factory=lambda: ["crop", "flip", "jitter", "gray", "blur", "solarize"])
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class AugConfig:
+    views: List[ViewConfig] = field(default_factory=lambda: [ViewConfig(), ViewConfig()])
+
+
+# ---------------------------------------------------------------------------------------- model
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"        # torchvision resnet18/34/50/101/152, or any timm ViT/Swin name
+    zero_init_residual: bool = False
+    img_size: int = 224           # timm models only
+    drop_path: float = 0.0        # timm models only
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+
+
+# ---------------------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    name: str = choice("sgd", "sgd", "lars", "adamw")
+    lr: float = 0.1               # base lr at `lr_ref_batch`; peak lr = lr * global_batch / lr_ref_batch
+    lr_ref_batch: int = 256       # 0: no batch scaling
+    weight_decay: float = 0.0
+    # Parameters matching any rule get no weight decay and (LARS) no trust-ratio adaptation.
+    # Rules: "ndim<=1" (biases, norm weights), "bias" (names ending in .bias), or fnmatch patterns on names.
+    no_decay: List[str] = field(default_factory=list)
+    lr_no_decay: Optional[float] = None  # base lr of the no-decay group (null: same as lr)
+    momentum: float = 0.9         # sgd / lars
+    nesterov: bool = False
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lars_eta: float = 0.001
+    clip_grad: float = 0.0        # max global grad norm; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-iteration schedules of lr, weight decay and the momentum-encoder coefficient."""
+
+    kind: str = choice("cosine", "cosine", "step", "constant")
+    warmup_epochs: float = 0.0
+    warmup_start: float = 0.0     # lr at step 0, as a fraction of peak
+    final: float = 0.0            # cosine floor, as a fraction of peak
+    milestones: List[float] = field(default_factory=list)  # step decay: epochs at which lr *= gamma
+    gamma: float = 0.1
+    per_epoch: bool = False       # hold lr constant within an epoch (torch's epoch-stepped schedulers)
+    wd_final: Optional[float] = None  # cosine weight-decay schedule to this value (null: constant)
+    ema_start: Optional[float] = None  # momentum-encoder coefficient at step 0 (null: no schedule)
+    ema_final: float = 1.0
+    ema_kind: str = choice("cosine", "cosine", "constant")
+
+
+# ---------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256         # global batch: per-process batch = batch_size / world size
+    drop_last: bool = True
+    seed: int = 0
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    amp: str = choice("auto", "auto", "bf16", "fp16", "fp32")  # auto: bf16 on GPU, fp32 on CPU
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = True          # convert BatchNorm to a synchronised BatchNorm when distributed
+    out_dir: str = ""             # default: runs/<method>/<recipe name>
+    resume: bool = True           # continue from out_dir/last.pt when it exists
+    ckpt_every_epochs: int = 1    # rewrite last.pt every N epochs (0: only at the end)
+    ckpt_every_steps: int = 0     # also every N steps (0: off)
+    keep_every_epochs: int = 0    # keep a numbered copy every N epochs (0: off)
+    log_every: int = 20           # steps between log lines
+    tensorboard: bool = True
+
+
+# ----------------------------------------------------------------------------------------- eval
+@dataclass
+class KNNConfig:
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256
+
+
+@dataclass
+class LinearConfig:
+    """Linear probe on a frozen backbone (kept in eval mode). Defaults: the Barlow Twins protocol."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.3
+    lr_ref_batch: int = 0         # 0: lr is used as is
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    optimizer: str = choice("sgd", "sgd", "lars")
+    schedule: str = choice("cosine_epoch", "cosine_epoch", "cosine_step")
+    warmup_epochs: float = 0.0
+    bn: bool = False              # affine-free BatchNorm before the classifier (MAE-style option)
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    interpolation: str = choice("bilinear", "bilinear", "bicubic")
+    cache_features: bool = False  # extract features once (no augmentation) and train on them: fast, not the protocol
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class EvalConfig:
+    after_train: List[str] = field(default_factory=lambda: ["knn"])  # any of knn, linear
+    compare_random_init: bool = False  # also evaluate a random-init backbone of the same architecture
+    image_size: int = 224
+    resize: int = 256             # eval transform: Resize(resize) -> CenterCrop(image_size)
+    interpolation: str = choice("bilinear", "bilinear", "bicubic")
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+
+
+@dataclass
+class RunConfig:
+    name: str = ""                # recipe name; defaults to the recipe file's stem
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# -------------------------------------------------------------------------------------- loading
+def _valid_keys(instance: Any, prefix: str = "") -> List[str]:
+    """Every key of a config instance, list items written as `N` (e.g. `aug.views.N.size`)."""
+    keys = []
+    for f in dataclasses.fields(instance):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        sub = getattr(instance, f.name)
+        if dataclasses.is_dataclass(sub):
+            keys += _valid_keys(sub, full + ".")
+        elif isinstance(sub, list) and sub and dataclasses.is_dataclass(sub[0]):
+            keys += _valid_keys(sub[0], full + ".N.")
+    return keys
+
+
+def _nearest(bad: str, valid: Sequence[str]) -> List[str]:
+    """Keys at the same depth that look alike, then keys anywhere whose last part looks alike."""
+    depth = bad.count(".")
+    same_depth = [v for v in valid if v.count(".") == depth]
+    near = difflib.get_close_matches(bad, same_depth, n=3, cutoff=0.6)
+    leaf = bad.rsplit(".", 1)[-1]
+    for k in difflib.get_close_matches(leaf, sorted({v.rsplit(".", 1)[-1] for v in valid}), n=2, cutoff=0.7):
+        near += [v for v in valid if v.rsplit(".", 1)[-1] == k and v not in near]
+    return near[:4]
+
+
+def _unknown_key(full_key: str, source: str, instance: Any) -> ConfigError:
+    valid = _valid_keys(instance)
+    full_key = full_key.replace("[", ".").replace("]", "")
+    generic = ".".join("N" if part.isdigit() else part for part in full_key.split("."))
+    near = _nearest(generic, valid)
+    hint = f"; nearest valid keys: {', '.join(near)}" if near else ""
+    return ConfigError(f"unknown config key '{full_key}' in {source}{hint}")
+
+
+def _rephrase(exc: OmegaConfBaseException, source: str, instance: Any) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        return _unknown_key(key, source, instance)
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(f"bad value for config key '{key}' in {source}: {first}")
+
+
+def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> List[Tuple[str, Any]]:
+    """The recipe and its `_base_` chain, base first, as (source name, dict) pairs."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: `_base_` chain loops back to itself")
+    try:
+        data = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file {path}: expected a mapping of config keys at the top level")
+    chain: List[Tuple[str, Any]] = []
+    base = data.pop("_base_", None)
+    if base is not None:
+        chain += _read_yaml((path.parent / str(base)), seen + (path.resolve(),))
+    chain.append((str(path), data))
+    return chain
+
+
+def _check_choices(obj: Any, prefix: str, origin: Dict[str, str]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        allowed = f.metadata.get("choices")
+        if allowed and value not in allowed:
+            src = origin.get(key, "the defaults")
+            raise ConfigError(
+                f"bad value for config key '{key}' in {src}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, key + ".", origin)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_choices(item, f"{key}.{i}.", origin)
+
+
+def _leaf_keys(node: Any, prefix: str = "") -> List[str]:
+    if isinstance(node, DictConfig):
+        out = []
+        for k in node.keys():
+            out += _leaf_keys(node._get_node(k), f"{prefix}{k}.")
+        return out
+    if isinstance(node, ListConfig):
+        out = [prefix[:-1]]
+        for i in range(len(node)):
+            out += _leaf_keys(node._get_node(i), f"{prefix}{i}.")
+        return out
+    return [prefix[:-1]]
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad command-line override '{text}': expected key=value, e.g. optim.lr=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(schema: type, files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
+    """Merge schema defaults <- YAML files (each with its `_base_` chain) <- `key=value` overrides."""
+    base_instance = schema()
+    cfg = OmegaConf.structured(base_instance)
+    origin: Dict[str, str] = {}
+    for file in files:
+        for source, data in _read_yaml(Path(file)):
+            try:
+                cfg = OmegaConf.merge(cfg, data)
+            except OmegaConfBaseException as exc:
+                raise _rephrase(exc, source, base_instance) from None
+            for k in _leaf_keys(data):
+                origin[k] = source
+    for text in overrides:
+        key, value = parse_override(text)
+        source = f"command-line override '{text}'"
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise _rephrase(exc, source, base_instance) from None
+        origin[key] = source
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _rephrase(exc, "the merged config", base_instance) from None
+    _check_choices(obj, "", origin)
+    if files and not obj.name:
+        obj.name = Path(files[-1]).stem
+    return obj
+
+
+def load_config(schema: type, argv: Optional[Sequence[str]] = None, description: str = "") -> Any:
+    """Command line: `--config recipe.yaml [--config more.yaml] key=value ...`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="recipe file (repeatable; later files override earlier ones)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    cfg = build_config(schema, args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    """Plain nested dict of builtins (lists for tuples), safe for `torch.load(weights_only=True)`."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(schema: type, data: Dict[str, Any], overrides: Sequence[str] = ()) -> Any:
+    """Rebuild a config from a stored dict (e.g. a checkpoint's), keeping only the keys `schema` knows."""
+    inst = schema()
+
+    def keep(schema_obj: Any, d: Any) -> Any:
+        if not isinstance(d, dict) or not dataclasses.is_dataclass(schema_obj):
+            return d
+        names = {f.name for f in dataclasses.fields(schema_obj)}
+        return {k: keep(getattr(schema_obj, k), v) for k, v in d.items() if k in names}
+
+    cfg = OmegaConf.merge(OmegaConf.structured(inst), keep(inst, data))
+    for text in overrides:
+        key, value = parse_override(text)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise _rephrase(exc, f"command-line override '{text}'", inst) from None
+    obj = OmegaConf.to_object(cfg)
+    _check_choices(obj, "", {})
+    return obj

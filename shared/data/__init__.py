@@ -1,0 +1,1 @@
+"""Data: the built-in synthetic dataset, ImageFolder, augmentation recipes, the reproducible sampler."""

@@ -1,0 +1,69 @@
+"""ImageFolder (ImageNet layout: root/<class>/<image>) with one-line errors naming the path."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from shared.errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpe", ".jfif")
+
+
+class ImageFolder(Dataset):
+    """`ds[i] -> (PIL RGB image, class index)`. Classes are the sorted sub-folder names.
+
+    An unreadable image raises `DataError` naming the file, unless `skip_bad_files`: then the next
+    readable image is returned instead and each skip is logged to stderr with a running count."""
+
+    def __init__(self, root: str | Path, skip_bad_files: bool = False, key: str = "data.root"):
+        root = Path(root)
+        if not str(root) or not root.exists():
+            raise DataError(f"dataset folder not found: '{root}' (set {key} to a folder in ImageNet layout)")
+        if not root.is_dir():
+            raise DataError(f"dataset path is not a folder: '{root}' (from {key})")
+        self.root = root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise DataError(f"no class folders in '{root}': expected {root}/<class>/<image> (from {key})")
+        self.samples: List[Tuple[str, int]] = []
+        for label, cls in enumerate(self.classes):
+            for dirpath, _, files in sorted(os.walk(root / cls, followlinks=True)):
+                for f in sorted(files):
+                    if f.lower().endswith(IMG_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, f), label))
+        if not self.samples:
+            raise DataError(f"no images ({', '.join(IMG_EXTENSIONS[:3])}, ...) under '{root}' (from {key})")
+        self.targets = [s[1] for s in self.samples]
+        self.skip_bad_files = skip_bad_files
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        path = self.samples[index][0]
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                return img.convert("RGB")
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            reason = str(exc).split("\n")[0] or type(exc).__name__
+            raise DataError(f"cannot read image '{path}': {reason}") from None
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            try:
+                return self.load(i), self.samples[i][1]
+            except DataError as exc:
+                if not self.skip_bad_files:
+                    raise
+                self.skipped += 1
+                print(f"warning: skipped an unreadable image ({self.skipped} so far in this process): {exc}",
+                      file=sys.stderr, flush=True)
+        raise DataError(f"no readable image under '{self.root}'")

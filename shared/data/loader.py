@@ -1,0 +1,125 @@
+"""Datasets from config, and a sampler that makes every run reproducible by construction.
+
+`GlobalBatchSampler` cuts each epoch's permutation (seeded by seed and epoch) into *global*
+batches and gives rank r its contiguous slice, so step t sees the same global batch whatever the
+world size. Each sample carries its own seed, a function of (seed, epoch, index), which
+`SeededDataset` loads into torch's generator before the augmentation runs. A run resumed at step t
+therefore sees exactly the batches and views of an uninterrupted run, and a 2-process run exactly
+the views of the 1-process run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from shared.config import DataConfig
+from shared.data.folder import ImageFolder
+from shared.data.synthetic import SyntheticShapes
+from shared.errors import DataError
+
+_MASK64 = (1 << 64) - 1
+_PERMUTATION = _MASK64  # the "index" whose seed draws an epoch's permutation
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ epoch) ^ index) & ((1 << 63) - 1)
+
+
+class SeededDataset(Dataset):
+    """`ds[(index, seed)] -> transform(base[index])` with torch's CPU generator seeded first."""
+
+    def __init__(self, base: Dataset, transform: Optional[Callable] = None):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        index, seed = key
+        torch.random.default_generator.manual_seed(seed)
+        x, y = self.base[index]
+        return (self.transform(x) if self.transform is not None else x), y
+
+
+class GlobalBatchSampler(Sampler[List[Tuple[int, int]]]):
+    """Yields this rank's `(index, sample_seed)` list for each step of the current epoch.
+
+    drop_last=False keeps the final partial global batch (padded by wrap-around so that it splits
+    evenly over ranks, as torch's DistributedSampler pads)."""
+
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 drop_last: bool = True, shuffle: bool = True):
+        if global_batch % world_size:
+            raise DataError(f"global batch {global_batch} is not divisible by the world size {world_size}")
+        if n < (global_batch if drop_last else 1):
+            raise DataError(f"dataset has {n} samples, fewer than one global batch of {global_batch} (drop_last)")
+        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world_size
+        self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch if self.drop_last else -(-self.n // self.batch)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def global_batch_indices(self, step: int) -> List[int]:
+        order = self._order()
+        return self._batch(order, step)
+
+    def _order(self) -> List[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, _PERMUTATION))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def _batch(self, order: List[int], step: int) -> List[int]:
+        idx = order[step * self.batch:(step + 1) * self.batch]
+        pad = -len(idx) % self.world
+        return idx + order[:pad]
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        order = self._order()
+        for step in range(self.start_step, self.steps_per_epoch):
+            idx = self._batch(order, step)
+            per = len(idx) // self.world
+            mine = idx[self.rank * per:(self.rank + 1) * per]
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in mine]
+
+
+def build_image_dataset(data: DataConfig, split: str) -> Dataset:
+    """The configured image source for `split` ('train' or 'val'), yielding (PIL image, label)."""
+    if data.source == "synthetic":
+        s = data.synthetic
+        return SyntheticShapes(s.length if split == "train" else s.val_length, s.image_size, s.num_classes,
+                               s.max_objects, s.seed, split, cache=s.cache, texture=s.texture, palette=s.palette,
+                               rotation=s.rotation)
+    sub = data.train_dir if split == "train" else data.val_dir
+    if not data.root:
+        raise DataError("data.source=folder needs data.root: the dataset folder holding "
+                        f"{data.train_dir}/ and {data.val_dir}/")
+    return ImageFolder(Path(data.root) / sub, skip_bad_files=data.skip_bad_files,
+                       key=f"data.root + data.{'train' if split == 'train' else 'val'}_dir")
+
+
+def num_classes(ds: Dataset) -> int:
+    return len(ds.classes)
+
+
+def make_loader(dataset: SeededDataset, sampler: GlobalBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)

@@ -1,0 +1,265 @@
+"""The training loop shared by every method (pretraining, and the linear probe of `shared.eval`).
+
+A method is an `nn.Module` whose `forward(batch, ctx)` returns a dict with a scalar `loss` and any
+other scalar logs; `batch` is what the data pipeline yields (moved to the device) and `ctx` a
+`StepContext` (step, epoch, scheduled momentum-encoder coefficient, ...). Everything else lives
+here: device placement, synchronised BN and DDP, AMP, channels_last, torch.compile, gradient
+clipping, the per-step lr / weight-decay / momentum schedules, periodic atomic checkpoints,
+auto-resume from the output folder, metrics (JSON lines, TensorBoard, tqdm, img/s) and a guard that
+stops on a non-finite loss, naming the step and the last good checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from shared import checkpoint as ckpt
+from shared import dist
+from shared.config import RunConfig, to_dict, to_yaml
+from shared.data.loader import GlobalBatchSampler, SeededDataset, make_loader, sample_seed
+from shared.errors import ConfigError, TrainingError, UserError
+from shared.logging import MetricLogger, Throughput
+from shared.optim import apply_schedule, build_optimizer, ema_momentum, param_groups
+
+
+@dataclass
+class StepContext:
+    step: int                     # global step being taken (0-based)
+    epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    lr_factor: float              # scheduled fraction of peak lr
+    ema_momentum: Optional[float]  # scheduled momentum-encoder coefficient (sched.ema_*), if any
+    global_batch: int
+    world_size: int
+
+
+@dataclass
+class FitResult:
+    model: nn.Module              # the trained module, unwrapped (no DDP / compile)
+    out_dir: Path
+    steps: int
+    last_checkpoint: Optional[Path]
+
+
+def output_dir(cfg: RunConfig, method: str) -> Path:
+    return Path(cfg.train.out_dir or os.path.join("runs", method, cfg.name or "run"))
+
+
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, channels_last) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    return batch
+
+
+def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "fp32"
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs a GPU (GradScaler); use bf16 or fp32 on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[Callable], *, method: str,
+        out_dir: Optional[Path] = None,
+        on_epoch_end: Optional[Callable[[nn.Module, int], Dict[str, float]]] = None,
+        progress_desc: str = "") -> FitResult:
+    """Train `model` on `dataset` (items `(x, label)`, `x` passed through `transform`) as `cfg` says."""
+    _, device = dist.init(cfg.train.device)
+    world, rank = dist.world_size(), dist.rank()
+    tc = cfg.train
+    out_dir = Path(out_dir) if out_dir is not None else output_dir(cfg, method)
+    main = rank == 0
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    if tc.batch_size % world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the world size {world}")
+    sampler = GlobalBatchSampler(len(dataset), tc.batch_size, rank, world, tc.seed, tc.drop_last)
+    spe, epochs = sampler.steps_per_epoch, tc.epochs
+    total = spe * epochs
+    loader = make_loader(SeededDataset(dataset, transform), sampler, cfg.data.workers,
+                         cfg.data.pin_memory and device.type == "cuda")
+
+    dtype = autocast_dtype(tc.amp, device)
+    model.to(device)
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if world > 1 and tc.sync_bn:
+        model = dist.convert_sync_batchnorm(model, device)
+    groups = param_groups(model, cfg.optim, tc.batch_size)
+    optimizer = build_optimizer(groups, cfg.optim)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    start = 0
+    last = out_dir / ckpt.LAST
+    if tc.resume and last.is_file():
+        state = ckpt.load(last)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"checkpoint {last} does not match this model/optimizer "
+                            f"({str(exc).splitlines()[0]}); use another train.out_dir or train.resume=false") from None
+        for g, fresh in zip(optimizer.param_groups, groups):  # the config's lr / wd win over stored ones
+            g["peak_lr"], g["base_wd"] = fresh["peak_lr"], fresh["base_wd"]
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        start = int(state["step"])
+        dist.print0(f"resumed from {last} at step {start}/{total}")
+
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        train_model = torch.compile(train_model)
+
+    logger = MetricLogger(out_dir, main, total, start, tc.tensorboard, desc=progress_desc or method)
+    if main and start == 0:
+        logger.write(f"{method}: {total} steps ({epochs} epochs x {spe}), global batch {tc.batch_size} on "
+                     f"{world} process(es), device {device.type}, amp {dtype or 'fp32'}, output {out_dir}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    last_saved: Optional[Path] = last if start > 0 else None
+    pending: List[Any] = []          # the previous step's stats, read one step late (no host sync per step)
+    sums: Dict[str, float] = {}
+    count = 0
+    speed = Throughput()
+
+    def drain() -> None:
+        nonlocal count
+        if not pending:
+            return
+        step_p, names, stats, lr_f, ema = pending.pop()
+        values = stats.tolist()
+        if not all(math.isfinite(v) for v in values[:1]):
+            where = f"{last_saved} (intact)" if last_saved else "none written yet"
+            raise TrainingError(f"loss is {values[0]} at step {step_p} (epoch {step_p // spe}); training stopped. "
+                                f"Last good checkpoint: {where}")
+        for n, v in zip(names, values):
+            sums[n] = sums.get(n, 0.0) + v
+        count += 1
+        logger.advance(1, {"loss": values[0]})
+        if (step_p + 1) % tc.log_every == 0 or step_p + 1 == total:
+            rec = {n: s / count for n, s in sums.items()}
+            rec.update(lr=optimizer.param_groups[0]["peak_lr"] * lr_f, epoch=step_p // spe,
+                       img_per_s=speed.rate())
+            if ema is not None:
+                rec["ema_momentum"] = ema
+            logger.log(step_p, rec)
+            sums.clear()
+            count = 0
+
+    def save(step_done: int, epoch_done: int) -> None:
+        nonlocal last_saved
+        drain()
+        if main:
+            state = ckpt.training_state(model, optimizer, scaler, step_done, epoch_done, to_dict(cfg), method)
+            last_saved = ckpt.save_atomic(state, last)
+            if tc.keep_every_epochs and step_done % spe == 0 and epoch_done % tc.keep_every_epochs == 0:
+                shutil.copyfile(last, out_dir / f"checkpoint_epoch{epoch_done:04d}.pt")
+        else:
+            last_saved = last
+        dist.barrier()
+
+    def epoch_save_due(epoch: int) -> bool:
+        return epoch + 1 == epochs or bool(tc.ckpt_every_epochs and (epoch + 1) % tc.ckpt_every_epochs == 0)
+
+    step = start
+    try:
+        train_model.train()
+        for epoch in range(start // spe, epochs):
+            sampler.set_epoch(epoch, step - epoch * spe)
+            for batch in loader:
+                torch.manual_seed(sample_seed(tc.seed, step, rank))
+                lr_f = apply_schedule(optimizer, step, spe, epochs, cfg.sched)
+                ema = ema_momentum(step, spe, epochs, cfg.sched)
+                ctx = StepContext(step, epoch, spe, total, lr_f, ema, tc.batch_size, world)
+                batch = to_device(batch, device, tc.channels_last)
+                with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+                    out = train_model(batch, ctx)
+                loss = out["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.optim.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+
+                names = ["loss"] + [k for k in out if k != "loss"]
+                stats = torch.stack([torch.as_tensor(out[k], device=device).detach().float().reshape(())
+                                     for k in names])
+                stats = dist.all_reduce_mean(stats)
+                drain()
+                pending.append((step, names, stats, lr_f, ema))
+                speed.add(tc.batch_size)
+                step += 1
+                if tc.ckpt_every_steps and step % tc.ckpt_every_steps == 0 and not (
+                        step % spe == 0 and epoch_save_due(epoch)):
+                    save(step, epoch)
+            drain()
+            if on_epoch_end is not None:
+                logs = on_epoch_end(model, epoch)
+                if logs:
+                    logger.log(step - 1, logs, prefix="eval")
+                train_model.train()
+            if epoch_save_due(epoch):
+                save(step, epoch + 1)
+        drain()
+        if last_saved is None or step != total:
+            save(step, epochs)
+    finally:
+        logger.close()
+    return FitResult(model=ckpt.unwrap(model), out_dir=out_dir, steps=step, last_checkpoint=last_saved)
+
+
+def environment_line(device: torch.device) -> str:
+    return (f"python {platform.python_version()}, torch {torch.__version__}, device {device}, "
+            f"{dist.world_size()} process(es), argv: {' '.join(sys.argv)}")
+
+
+def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], method: str) -> Dict[str, Any]:
+    """What every paper's `train.py` calls: build the multi-view dataset from `cfg.data`/`cfg.aug`,
+    train with `fit`, export the backbone, then run the evaluations listed in `cfg.eval.after_train`."""
+    from shared.data.augment import MultiView
+    from shared.data.loader import build_image_dataset
+    from shared.eval import evaluate_after_training
+
+    _, device = dist.init(cfg.train.device)
+    t0 = time.time()
+    dataset = build_image_dataset(cfg.data, "train")
+    transform = MultiView(cfg.aug.views)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    dist.print0(environment_line(device))
+    result = fit(cfg, model, dataset, transform, method=method)
+    if dist.is_main():
+        ckpt.export_backbone(result.model, result.out_dir / ckpt.BACKBONE)
+    dist.barrier()
+    dist.print0(f"pretraining done in {time.time() - t0:.0f} s: {result.out_dir / ckpt.LAST}, "
+                f"backbone {result.out_dir / ckpt.BACKBONE}")
+    report: Dict[str, Any] = {"out_dir": str(result.out_dir)}
+    if cfg.eval.after_train:
+        report["eval"] = evaluate_after_training(cfg, result.model.backbone, result.out_dir)
+    return report

@@ -1,0 +1,90 @@
+"""Rank-0 metrics: JSON lines, TensorBoard scalars, a tqdm progress bar and console lines."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from tqdm import tqdm
+
+
+class MetricLogger:
+    """Writes `metrics.jsonl` (one object per log event, with `step`) and TensorBoard scalars under
+    `out_dir/tb`. A resumed run appends to both, continuing at its global step. Inactive off rank 0."""
+
+    def __init__(self, out_dir: Path, active: bool, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, desc: str = ""):
+        self.active = active
+        self.tb = None
+        self.bar = None
+        if not active:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
+                        disable=None, file=sys.stderr, leave=False)
+
+    def log(self, step: int, values: Dict[str, float], prefix: str = "train", echo: bool = True) -> None:
+        if not self.active:
+            return
+        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v
+                                   for k, v in values.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if echo:
+            line = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+            self.write(f"[{prefix} step {step}] {line}")
+
+    def write(self, text: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, flush=True)
+
+    def advance(self, n: int = 1, postfix: Optional[Dict[str, float]] = None) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
+
+
+class Throughput:
+    """Images per second between two calls of `rate`."""
+
+    def __init__(self):
+        self.t0, self.n = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def rate(self) -> float:
+        t = time.perf_counter()
+        r = self.n / max(t - self.t0, 1e-9)
+        self.t0, self.n = t, 0
+        return r
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+    return str(v)
