@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shared.numerics import at_least_fp32
+
 
 def off_diagonal(c: torch.Tensor) -> torch.Tensor:
     """The n*n - n off-diagonal entries of a square matrix, row by row, as a flat view."""
@@ -39,5 +41,6 @@ def batch_standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:
     """Loss for projector outputs `z1`, `z2` of shape (N, D), before the affine-free BatchNorm."""
-    c = cross_correlation(batch_standardise(z1.float()), batch_standardise(z2.float()), z1.shape[0])
+    z1, z2 = at_least_fp32(z1), at_least_fp32(z2)
+    c = cross_correlation(batch_standardise(z1), batch_standardise(z2), z1.shape[0])
     return loss_from_cross_correlation(c, lambd)

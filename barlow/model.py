@@ -24,6 +24,7 @@ from barlow.loss import cross_correlation, loss_from_cross_correlation, off_diag
 from shared import dist
 from shared.config import BackboneConfig, ModelConfig, choice
 from shared.models import build_backbone, mlp, parse_dims
+from shared.numerics import at_least_fp32
 
 
 @dataclass
@@ -54,7 +55,7 @@ class BarlowTwins(nn.Module):
         y1, y2 = views
         z1, z2 = self.embed(y1), self.embed(y2)   # two passes: BatchNorm statistics per view
         with torch.autocast(z1.device.type, enabled=False):
-            c = cross_correlation(self.bn(z1.float()), self.bn(z2.float()), self.global_batch)
+            c = cross_correlation(self.bn(at_least_fp32(z1)), self.bn(at_least_fp32(z2)), self.global_batch)
             c = dist.all_reduce_sum(c, differentiable=self.exact)
             loss = loss_from_cross_correlation(c, self.lambd)
         with torch.no_grad():

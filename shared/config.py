@@ -355,7 +355,7 @@ def load_config(schema: type, argv: Optional[Sequence[str]] = None, description:
                         help="recipe file (repeatable; later files override earlier ones)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = build_config(schema, args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -365,24 +365,40 @@ def load_config(schema: type, argv: Optional[Sequence[str]] = None, description:
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """Plain nested dict of builtins (lists for tuples), safe for `torch.load(weights_only=True)`."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return plain(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 
 
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def from_dict(schema: type, data: Dict[str, Any], overrides: Sequence[str] = ()) -> Any:
-    """Rebuild a config from a stored dict (e.g. a checkpoint's), keeping only the keys `schema` knows."""
+def read_recipe(files: Sequence[str | Path]) -> Dict[str, Any]:
+    """The merged plain dict of recipe files (each with its `_base_` chain), without a schema."""
+    merged = OmegaConf.create({})
+    for file in files:
+        for _, data in _read_yaml(Path(file)):
+            merged = OmegaConf.merge(merged, data)
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def from_dict(schema: type, data: Dict[str, Any], overrides: Sequence[str] = (), source: str = "the stored config") -> Any:
+    """Rebuild a generic config from a paper's config dict (a checkpoint's, or a recipe's): keys of the
+    paper's own `model` section that `schema` does not know are dropped, any other unknown key is an error."""
     inst = schema()
-
-    def keep(schema_obj: Any, d: Any) -> Any:
-        if not isinstance(d, dict) or not dataclasses.is_dataclass(schema_obj):
-            return d
-        names = {f.name for f in dataclasses.fields(schema_obj)}
-        return {k: keep(getattr(schema_obj, k), v) for k, v in d.items() if k in names}
-
-    cfg = OmegaConf.merge(OmegaConf.structured(inst), keep(inst, data))
+    model_fields = {f.name for f in dataclasses.fields(inst.model)}
+    data = dict(data)
+    if isinstance(data.get("model"), dict):
+        data["model"] = {k: v for k, v in data["model"].items() if k in model_fields}
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(inst), data)
+    except OmegaConfBaseException as exc:
+        raise _rephrase(exc, source, inst) from None
     for text in overrides:
         key, value = parse_override(text)
         try:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from shared.errors import UserError
+from shared.numerics import at_least_fp32
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0] + list(range(2, x.dim()))
         count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float64)
         count = all_reduce_sum(count, differentiable=False).item()
-        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        xf = at_least_fp32(x)
         mean = all_reduce_sum(xf.sum(dims), differentiable=True) / count
         shape = [1, -1] + [1] * (x.dim() - 2)
         centred = xf - mean.view(shape)

@@ -185,23 +185,28 @@ def test_resume_into_a_different_model_is_a_clear_error(tmp_path):
 
 def _distributed_fit(rank, world, out_dir):
     cfg = build_config(Config, [DEMO], TINY + [f"train.out_dir={out_dir}", "model.gradient=exact", "optim.name=sgd",
-                                               "optim.lr=0.05", "train.epochs=1"])
+                                               "optim.lr=0.01", "train.epochs=1"])
     ds = build_image_dataset(cfg.data, "train")
     torch.manual_seed(0)
-    res = fit(cfg, build(cfg), ds, MultiView(cfg.aug.views), method="barlow")
-    return {k: v.detach().clone() for k, v in res.model.state_dict().items()}
+    model = build(cfg)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    res = fit(cfg, model, ds, MultiView(cfg.aug.views), method="barlow")
+    return init, {k: v.detach().clone() for k, v in res.model.state_dict().items()}
 
 
 @pytest.mark.dist
 def test_two_process_training_reproduces_one_process(tmp_path):
-    one = _distributed_fit(0, 1, tmp_path / "one")
-    two = run_distributed(_distributed_fit, 2, tmp_path, str(tmp_path / "two"))
-    ref = losses(tmp_path / "one")
-    got = losses(tmp_path / "two")
+    """Same global batches, same views, synchronised BN, exact gradients: 4 SGD steps on 2 processes
+    follow the 1-process run up to float32 rounding (checked relative to the size of each update)."""
+    init, one = _distributed_fit(0, 1, tmp_path / "one")
+    (init2, two), (_, two_b) = run_distributed(_distributed_fit, 2, tmp_path, str(tmp_path / "two"))
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(got) == sorted(ref) == [0, 1, 2, 3]
     for s in ref:
-        assert got[s][0] == pytest.approx(ref[s][0], rel=1e-4)
+        assert got[s][0] == pytest.approx(ref[s][0], rel=1e-5)
     for k, v in one.items():
-        if v.is_floating_point():
-            assert torch.allclose(two[0][k], v, rtol=1e-3, atol=1e-5), k
-            assert torch.equal(two[0][k], two[1][k]), k
+        if not v.is_floating_point() or "running" in k:
+            continue
+        assert torch.equal(init[k], init2[k]) and torch.equal(two[k], two_b[k]), k
+        update = (v - init[k]).abs().max()
+        assert (two[k] - v).abs().max() <= 1e-2 * update + 1e-7, k

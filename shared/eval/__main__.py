@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shared import checkpoint as ckpt
 from shared import dist
-from shared.config import RunConfig, build_config, from_dict
+from shared.config import RunConfig, from_dict, read_recipe
 from shared.errors import UserError, cli_main
 from shared.eval import evaluate_after_training
 from shared.models import build_backbone
@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     p.add_argument("--compare-random-init", action="store_true")
     p.add_argument("--out", default="", help="output folder (default: <checkpoint folder>/eval)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     state = ckpt.load(a.checkpoint)
     if "format" in state and "model" in state:
         cfg = from_dict(RunConfig, state["config"], a.overrides)
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     else:
         if not a.config:
             raise UserError(f"{a.checkpoint} is a plain state dict: pass --config <recipe.yaml> for data and backbone")
-        cfg = build_config(RunConfig, a.config, a.overrides)
+        cfg = from_dict(RunConfig, read_recipe(a.config), a.overrides, source=", ".join(a.config))
         weights = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
     if a.compare_random_init:
         cfg.eval.compare_random_init = True

@@ -8,13 +8,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from shared.numerics import at_least_fp32
+
 
 @torch.no_grad()
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
                k: int = 20, temperature: float = 0.07, chunk: int = 256) -> torch.Tensor:
     """(M, num_classes) vote totals for each test sample."""
-    train = F.normalize(train_feats.float(), dim=1)
-    test = F.normalize(test_feats.float(), dim=1)
+    train = F.normalize(at_least_fp32(train_feats), dim=1)
+    test = F.normalize(at_least_fp32(test_feats), dim=1)
     k = min(k, train.shape[0])
     out = []
     for i in range(0, test.shape[0], chunk):
