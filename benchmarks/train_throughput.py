@@ -68,7 +68,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fit(cfg, model, dataset, transform, method=f"bench-{a.method}")
-    rates = [json.loads(line)["img_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["img_per_s"] for r in records if "img_per_s" in r]
     steady = rates[a.warmup:]
     result = {"method": a.method, "config": a.config, "overrides": a.overrides, "data": a.data,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -144,13 +144,13 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
     pending: List[Any] = []          # the previous step's stats, read one step late (no host sync per step)
     sums: Dict[str, float] = {}
     count = 0
-    speed = Throughput()
+    speed = Throughput(device)
 
     def drain() -> None:
         nonlocal count
         if not pending:
             return
-        step_p, names, stats, lr_f, ema = pending.pop()
+        step_p, names, stats, lr_f, ema, mark = pending.pop()
         values = stats.tolist()
         if not all(math.isfinite(v) for v in values[:1]):
             where = f"{last_saved} (intact)" if last_saved else "none written yet"
@@ -163,7 +163,7 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
         if (step_p + 1) % tc.log_every == 0 or step_p + 1 == total:
             rec = {n: s / count for n, s in sums.items()}
             rec.update(lr=optimizer.param_groups[0]["peak_lr"] * lr_f, epoch=step_p // spe,
-                       img_per_s=speed.rate())
+                       img_per_s=speed.rate(mark))
             if ema is not None:
                 rec["ema_momentum"] = ema
             logger.log(step_p, rec)
@@ -212,7 +212,7 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
                                      for k in names])
                 stats = dist.all_reduce_mean(stats)
                 drain()
-                pending.append((step, names, stats, lr_f, ema))
+                pending.append((step, names, stats, lr_f, ema, speed.mark()))
                 speed.add(tc.batch_size)
                 step += 1
                 if tc.ckpt_every_steps and step % tc.ckpt_every_steps == 0 and not (

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
 from tqdm import tqdm
 
 
@@ -69,18 +70,33 @@ class MetricLogger:
 
 
 class Throughput:
-    """Images per second between two calls of `rate`."""
+    """Images per second between step-end marks. A mark is a host clock reading on CPU and a CUDA
+    event on GPU, so a rate read one step late (the engine drains stats lagged) still covers
+    exactly the steps whose images were counted."""
 
-    def __init__(self):
-        self.t0, self.n = time.perf_counter(), 0
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start, self.n = self.mark(), 0
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
     def add(self, n: int) -> None:
         self.n += n
 
-    def rate(self) -> float:
-        t = time.perf_counter()
-        r = self.n / max(t - self.t0, 1e-9)
-        self.t0, self.n = t, 0
+    def rate(self, end) -> float:
+        """Images added since the previous `rate` call over the time from its mark to `end`."""
+        if self.cuda:
+            end.synchronize()
+            seconds = self.start.elapsed_time(end) / 1000.0
+        else:
+            seconds = end - self.start
+        r = self.n / max(seconds, 1e-9)
+        self.start, self.n = end, 0
         return r
 
 
