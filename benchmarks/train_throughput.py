@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from shared import dist
 from shared.config import build_config
 from shared.data.augment import MultiView
 from shared.data.loader import build_image_dataset
-from shared.engine import fit
+from shared.engine import autocast_dtype, fit
 
 
 class RandomViews(Dataset):
@@ -47,7 +48,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--data", choices=["synthetic", "tensors"], default="tensors")
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args()
+    a = p.parse_intermixed_args()
     module = importlib.import_module(f"{a.method}.train")
     out = Path(tempfile.mkdtemp(prefix="bench-"))
     cfg = build_config(module.Config, [a.config], a.overrides + [
@@ -68,16 +69,17 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fit(cfg, model, dataset, transform, method=f"bench-{a.method}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["img_per_s"] for r in records if "img_per_s" in r]
-    steady = rates[a.warmup:]
-    result = {"method": a.method, "config": a.config, "overrides": a.overrides, "data": a.data,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "world_size": dist.world_size(), "global_batch": cfg.train.batch_size, "amp": cfg.train.amp,
-              "steps_measured": len(steady), "img_per_s_median": statistics.median(steady) if steady else None}
-    if device.type == "cuda":
-        result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    dist.print0(json.dumps(result))
+    if dist.is_main():      # only rank 0 writes metrics
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steady = [r["img_per_s"] for r in records if "img_per_s" in r][a.warmup:]
+        result = {"method": a.method, "config": a.config, "overrides": a.overrides, "data": a.data,
+                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "world_size": dist.world_size(), "global_batch": cfg.train.batch_size, "amp": str(autocast_dtype(cfg.train.amp, device) or "fp32"),
+                  "steps_measured": len(steady), "img_per_s_median": statistics.median(steady) if steady else None}
+        if device.type == "cuda":
+            result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        print(json.dumps(result), flush=True)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":
