@@ -211,3 +211,24 @@ def test_two_process_training_reproduces_one_process(tmp_path):
         assert torch.equal(init[k], init2[k]) and torch.equal(two[k], two_b[k]), k
         update = (v - init[k]).abs().max()
         assert (two[k] - v).abs().max() <= 1e-2 * update + 1e-7, k
+
+
+@pytest.mark.slow
+def test_channels_last_and_compile_follow_the_eager_run(tmp_path):
+    """train.channels_last and train.compile change kernels, not the computation: on the CPU the
+    losses follow the plain run, and the compiled run's checkpoint and backbone keep plain key names."""
+    runs = {}
+    for name, extra in [("eager", []), ("channels_last", ["train.channels_last=true"]),
+                        ("compiled", ["train.compile=true"])]:
+        out = tmp_path / name
+        r = run_cli(["barlow/train.py", "--config", DEMO, *TINY, *extra, "train.epochs=1", f"train.out_dir={out}"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = losses(out)
+    for name in ("channels_last", "compiled"):
+        assert sorted(runs[name]) == sorted(runs["eager"]) == [0, 1, 2, 3]
+        for s, v in runs["eager"].items():
+            assert runs[name][s][0] == pytest.approx(v[0], rel=1e-3), (name, s)
+    state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)
+    assert all(not k.startswith("_orig_mod") for k in state["model"])
+    sd = torch.load(tmp_path / "compiled" / "backbone.pt", weights_only=True)
+    assert torchvision.models.resnet18().load_state_dict(sd, strict=False).unexpected_keys == []
