@@ -26,7 +26,7 @@ from shared import dist
 from shared.config import build_config
 from shared.data.augment import MultiView
 from shared.data.loader import build_image_dataset
-from shared.engine import autocast_dtype, fit
+from shared.engine import amp_name, autocast_dtype, fit
 
 
 class RandomViews(Dataset):
@@ -74,7 +74,7 @@ def main() -> None:
         steady = [r["img_per_s"] for r in records if "img_per_s" in r][a.warmup:]
         result = {"method": a.method, "config": a.config, "overrides": a.overrides, "data": a.data,
                   "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  "world_size": dist.world_size(), "global_batch": cfg.train.batch_size, "amp": str(autocast_dtype(cfg.train.amp, device) or "fp32"),
+                  "world_size": dist.world_size(), "global_batch": cfg.train.batch_size, "amp": amp_name(autocast_dtype(cfg.train.amp, device)),
                   "steps_measured": len(steady), "img_per_s_median": statistics.median(steady) if steady else None}
         if device.type == "cuda":
             result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30

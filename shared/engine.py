@@ -79,6 +79,10 @@ def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
 
 
+def amp_name(dtype: Optional[torch.dtype]) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[Callable], *, method: str,
         out_dir: Optional[Path] = None,
         on_epoch_end: Optional[Callable[[nn.Module, int], Dict[str, float]]] = None,
@@ -138,7 +142,7 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
     logger = MetricLogger(out_dir, main, total, start, tc.tensorboard, desc=progress_desc or method)
     if main and start == 0:
         logger.write(f"{method}: {total} steps ({epochs} epochs x {spe}), global batch {tc.batch_size} on "
-                     f"{world} process(es), device {device.type}, amp {dtype or 'fp32'}, output {out_dir}")
+                     f"{world} process(es), device {device.type}, amp {amp_name(dtype)}, output {out_dir}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     last_saved: Optional[Path] = last if start > 0 else None
     pending: List[Any] = []          # the previous step's stats, read one step late (no host sync per step)

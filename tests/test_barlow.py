@@ -102,6 +102,19 @@ def test_model_loss_equals_pure_loss_on_one_process():
     assert torch.allclose(out["loss"], barlow_twins_loss(z1, z2, 0.0051), rtol=1e-5)
 
 
+def test_loss_block_stays_fp32_under_bf16_autocast():
+    """Backbone and projector run in bf16 under autocast; standardisation, C and the loss do not
+    (a deviation from the official fp16 block, see barlow/README.md)."""
+    torch.manual_seed(0)
+    model = BarlowTwins(BarlowModelConfig(backbone=BackboneConfig("resnet18"), projector="64-64-32"), global_batch=8)
+    x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(([x1, x2], torch.zeros(8)))
+        z1, z2 = model.embed(x1), model.embed(x2)
+    assert z1.dtype == torch.bfloat16 and out["loss"].dtype == torch.float32
+    assert torch.allclose(out["loss"], barlow_twins_loss(z1.float(), z2.float(), 0.0051), rtol=1e-5)
+
+
 def _headline():
     return build_config(Config, [HEADLINE], ["data.root=/imagenet"])
 
