@@ -141,6 +141,7 @@ class ScheduleConfig:
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 256         # global batch: per-process batch = batch_size / world size
+    per_gpu_batch: int = 0        # >0: fix the per-process batch instead; global = per_gpu_batch x world size
     drop_last: bool = True
     seed: int = 0
     device: str = choice("auto", "auto", "cpu", "cuda")
@@ -183,6 +184,7 @@ class LinearConfig:
     interpolation: str = choice("bilinear", "bilinear", "bicubic")
     cache_features: bool = False  # extract features once (no augmentation) and train on them: fast, not the protocol
     eval_every_epochs: int = 1
+    amp: str = choice("fp32", "auto", "bf16", "fp16", "fp32")   # the official probes run in fp32
 
 
 @dataclass
@@ -348,14 +350,20 @@ def build_config(schema: type, files: Sequence[str | Path] = (), overrides: Sequ
     return obj
 
 
-def load_config(schema: type, argv: Optional[Sequence[str]] = None, description: str = "") -> Any:
-    """Command line: `--config recipe.yaml [--config more.yaml] key=value ...`."""
+def parse_command_line(argv: Optional[Sequence[str]] = None, description: str = "") -> argparse.Namespace:
+    """A paper's command line: `--config recipe.yaml [--config more.yaml] [--print-config] key=value ...`
+    -> namespace with `config` (list of files), `print_config`, `overrides`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
                         help="recipe file (repeatable; later files override earlier ones)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def load_config(schema: type, argv: Optional[Sequence[str]] = None, description: str = "") -> Any:
+    """Command line: `--config recipe.yaml [--config more.yaml] key=value ...`."""
+    args = parse_command_line(argv, description)
     cfg = build_config(schema, args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")

@@ -22,7 +22,7 @@ class DistEnv:
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    source: str = "single"        # single | torchrun | slurm
+    source: str = "single"        # single | torchrun | slurm | submitit
 
 
 def expand_nodelist(nodelist: str) -> List[str]:
@@ -56,12 +56,17 @@ def env_from_environ(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     if "SLURM_PROCID" in env and ntasks > 1:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
         hosts = expand_nodelist(nodelist) if nodelist else ["127.0.0.1"]
-        job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID", "0")
-        port = 20000 + int(re.sub(r"\D", "", job) or 0) % 20000
+        job = env.get("SLURM_JOB_ID", "0")      # unique per array task too
         return DistEnv(rank=int(env["SLURM_PROCID"]), world_size=ntasks,
                        local_rank=int(env.get("SLURM_LOCALID", 0)), master_addr=hosts[0],
-                       master_port=int(env.get("MASTER_PORT", port)), source="slurm")
+                       master_port=int(env.get("MASTER_PORT", port_from_job_id(job))), source="slurm")
     return DistEnv()
+
+
+def port_from_job_id(job_id: str) -> int:
+    """The rendezvous port, in [20000, 40000), that every task of a job (and the job again after a
+    requeue) derives from the job id alike. MASTER_PORT in the environment overrides it."""
+    return 20000 + int(re.sub(r"\D", "", str(job_id)) or 0) % 20000
 
 
 _ENV = DistEnv()

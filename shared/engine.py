@@ -10,6 +10,7 @@ stops on a non-finite loss, naming the step and the last good checkpoint.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 
 from shared import checkpoint as ckpt
 from shared import dist
-from shared.config import RunConfig, to_dict, to_yaml
+from shared.config import RunConfig, TrainConfig, to_dict, to_yaml
 from shared.data.loader import GlobalBatchSampler, SeededDataset, make_loader, sample_seed
 from shared.errors import ConfigError, TrainingError, UserError
 from shared.logging import MetricLogger, Throughput
@@ -52,6 +53,9 @@ class FitResult:
     out_dir: Path
     steps: int
     last_checkpoint: Optional[Path]
+
+
+DONE = "done.json"   # written by `pretrain` once training, export and evaluation have finished
 
 
 def output_dir(cfg: RunConfig, method: str) -> Path:
@@ -79,6 +83,18 @@ def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
 
 
+def global_batch(tc: TrainConfig, world: int) -> int:
+    """The global batch a run uses on `world` processes: `train.batch_size` (the recipe's global
+    batch, which must divide evenly), or `train.per_gpu_batch x world` when the recipe fixes the
+    per-process batch. The LR scaling rule and the loss normalisations use this number."""
+    if tc.per_gpu_batch > 0:
+        return tc.per_gpu_batch * world
+    if tc.batch_size % world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} (the global batch) is not divisible by the world "
+                          f"size {world}; choose a batch that divides, or set train.per_gpu_batch instead")
+    return tc.batch_size
+
+
 def amp_name(dtype: Optional[torch.dtype]) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
@@ -93,12 +109,11 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
     tc = cfg.train
     out_dir = Path(out_dir) if out_dir is not None else output_dir(cfg, method)
     main = rank == 0
+    tc.batch_size = global_batch(tc, world)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    if tc.batch_size % world:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the world size {world}")
     sampler = GlobalBatchSampler(len(dataset), tc.batch_size, rank, world, tc.seed, tc.drop_last)
     spe, epochs = sampler.steps_per_epoch, tc.epochs
     total = spe * epochs
@@ -251,6 +266,9 @@ def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], meth
     from shared.eval import evaluate_after_training
 
     _, device = dist.init(cfg.train.device)
+    cfg.train.batch_size = global_batch(cfg.train, dist.world_size())   # before the model reads it
+    if dist.is_main():
+        (output_dir(cfg, method) / DONE).unlink(missing_ok=True)          # this run is not finished
     t0 = time.time()
     dataset = build_image_dataset(cfg.data, "train")
     transform = MultiView(cfg.aug.views)
@@ -266,4 +284,6 @@ def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], meth
     report: Dict[str, Any] = {"out_dir": str(result.out_dir)}
     if cfg.eval.after_train:
         report["eval"] = evaluate_after_training(cfg, result.model.backbone, result.out_dir)
+    if dist.is_main():     # the launcher does not requeue a run that has written this
+        (result.out_dir / DONE).write_text(json.dumps({"steps": result.steps, "time": time.time()}) + "\n")
     return report

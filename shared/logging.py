@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,10 @@ from tqdm import tqdm
 
 class MetricLogger:
     """Writes `metrics.jsonl` (one object per log event, with `step`) and TensorBoard scalars under
-    `out_dir/tb`. A resumed run appends to both, continuing at its global step. Inactive off rank 0."""
+    `out_dir/tb`. A run resumed at step S continues both: records of steps >= S left by the
+    interrupted attempt are dropped (TensorBoard's `purge_step`, and the same for the JSON lines),
+    so each step appears once; a run starting at step 0 starts the JSON lines afresh. Inactive off
+    rank 0."""
 
     def __init__(self, out_dir: Path, active: bool, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, desc: str = ""):
@@ -24,7 +28,10 @@ class MetricLogger:
         if not active:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        path = out_dir / "metrics.jsonl"
+        if path.is_file():     # from step 0 (a fresh run in an old folder) this empties it
+            _drop_records_from(path, start_step)
+        self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step)
@@ -98,6 +105,21 @@ class Throughput:
         r = self.n / max(seconds, 1e-9)
         self.start, self.n = end, 0
         return r
+
+
+def _drop_records_from(path: Path, step: int) -> None:
+    """Rewrite (atomically) a JSON-lines file without the records whose `step` is >= `step`."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", -1) >= step:
+                continue
+        except ValueError:          # a line cut short by a kill: drop it too
+            continue
+        keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,34 @@ def test_eval_command_on_a_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli(["-m", "shared.eval", str(run / "nothing.pt")])
     assert r.returncode == 2 and r.stderr.strip() == f"error: checkpoint not found: {run / 'nothing.pt'}"
+
+
+def test_probe_runs_in_fp32_by_default():
+    from shared.eval.linear import probe_config
+    cfg = _cfg(Path("/tmp/unused"), "train.amp=bf16")
+    assert cfg.eval.linear.amp == "fp32"
+    assert probe_config(cfg, Path("/tmp/unused"), True, 1).train.amp == "fp32"
+
+
+def test_probe_resumes_its_best_and_restarts_for_another_backbone(tmp_path, capsys):
+    """Resuming a finished probe keeps the best top-1 of its earlier evaluations; a probe folder left
+    by another backbone is not resumed (its classifier would be evaluated on foreign features)."""
+    from shared.models import build_backbone
+    cfg = _cfg(tmp_path, "eval.linear.cache_features=true", "eval.linear.epochs=3")
+    train, val = SyntheticShapes(64, 32, 4), SyntheticShapes(32, 32, 4, split="val")
+    train.classes = val.classes = train.classes[:4]
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model.backbone)
+    first = linear_probe(cfg, backbone, train, val, 4, tmp_path / "probe")
+    again = linear_probe(cfg, backbone, train, val, 4, tmp_path / "probe")
+    assert again == first
+    logged = [json.loads(l) for l in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["top1"] for r in logged if "top1" in r) == first["best_top1"]
+
+    torch.manual_seed(1)
+    other = build_backbone(cfg.model.backbone)
+    capsys.readouterr()
+    linear_probe(cfg, other, train, val, 4, tmp_path / "probe")
+    assert "holds a probe of another backbone; starting afresh" in capsys.readouterr().out
+    records = [json.loads(l) for l in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 3, 5]   # one fresh run, no leftovers

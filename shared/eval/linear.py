@@ -9,9 +9,11 @@ recipe sets to its own protocol.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -78,10 +80,49 @@ def probe_config(cfg: RunConfig, out_dir: Path, cached: bool, log_every: int) ->
         optim=OptimConfig(name=lc.optimizer, lr=lc.lr, lr_ref_batch=lc.lr_ref_batch, weight_decay=lc.weight_decay,
                           momentum=lc.momentum),
         sched=ScheduleConfig(kind="cosine", warmup_epochs=lc.warmup_epochs, per_epoch=lc.schedule == "cosine_epoch"),
-        train=replace(cfg.train, epochs=lc.epochs, batch_size=lc.batch_size, drop_last=False, out_dir=str(out_dir),
+        train=replace(cfg.train, amp=lc.amp, epochs=lc.epochs, batch_size=lc.batch_size, per_gpu_batch=0, drop_last=False, out_dir=str(out_dir),
                       sync_bn=False, compile=False, ckpt_every_epochs=1, ckpt_every_steps=0, keep_every_epochs=0,
                       log_every=log_every),
     )
+
+
+FINGERPRINT = "backbone.sha256"
+
+
+def fingerprint(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _same_backbone_as_before(backbone: nn.Module, out_dir: Path) -> bool:
+    """Whether a probe left in `out_dir` was trained on this backbone (then it may resume). A probe
+    of another backbone (the folder of an earlier pretraining) is started afresh, with a note."""
+    path = Path(out_dir) / FINGERPRINT
+    mine = fingerprint(backbone)
+    before = path.read_text().strip() if path.is_file() else None
+    dist.barrier()
+    if dist.is_main():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        path.write_text(mine + "\n")
+        if before is not None and before != mine and (Path(out_dir) / "last.pt").is_file():
+            print(f"linear probe: {out_dir} holds a probe of another backbone; starting afresh", flush=True)
+    return before is None or before == mine
+
+
+def _logged_best(out_dir: Path) -> List[float]:
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    values = []
+    for line in path.read_text().splitlines():
+        try:
+            values.append(float(json.loads(line)["best_top1"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return values
 
 
 def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int,
@@ -92,7 +133,7 @@ def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_se
     lc, ec = cfg.eval.linear, cfg.eval
     backbone = backbone.to(device).eval()
     reference = copy.deepcopy(backbone.state_dict())
-    dtype = autocast_dtype(cfg.train.amp, device)
+    dtype = autocast_dtype(lc.amp, device)
     val_tf = eval_transform(ec.image_size, ec.resize, ec.interpolation, ec.mean, ec.std)
     if lc.cache_features:
         tr_x, tr_y = extract(backbone, train_set, val_tf, cfg.eval.knn.batch_size, device, cfg.data.workers, dtype)
@@ -104,8 +145,10 @@ def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_se
         train_data = train_set
         train_tf = linear_train_transform(ec.image_size, lc.crop_scale, lc.interpolation, ec.mean, ec.std)
         val_data, val_tf_used = val_set, val_tf
+    resume = cfg.train.resume and _same_backbone_as_before(backbone, out_dir)
     best = {"top1": 0.0}
     last: Dict[str, float] = {}
+    earlier = {"read": False}
 
     def check_frozen() -> None:
         for k, v in backbone.state_dict().items():
@@ -120,13 +163,18 @@ def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_se
                                  0 if lc.cache_features else cfg.data.workers, dtype)
         top1, top5 = topk_accuracy(logits, labels, (1, 5))
         check_frozen()
+        if not earlier["read"]:      # a resumed probe: the evaluations of earlier attempts count too
+            earlier["read"] = True
+            best["top1"] = max([best["top1"], *_logged_best(out_dir)])
         best["top1"] = max(best["top1"], top1)
         last.update(top1=top1, top5=top5)
         return {"top1": top1, "top5": top5, "best_top1": best["top1"]}
 
     steps_per_epoch = -(-len(train_data) // lc.batch_size)
     log_every = steps_per_epoch * max(1, lc.eval_every_epochs)
-    result = fit(probe_config(cfg, out_dir, lc.cache_features, log_every), probe, train_data, train_tf, method="linear",
+    pcfg = probe_config(cfg, out_dir, lc.cache_features, log_every)
+    pcfg.train.resume = resume
+    result = fit(pcfg, probe, train_data, train_tf, method="linear",
                  out_dir=out_dir, on_epoch_end=evaluate, progress_desc=desc)
     if not last:  # resumed after the probe had finished: evaluate the stored classifier once
         evaluate(result.model, lc.epochs - 1)
