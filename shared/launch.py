@@ -71,6 +71,11 @@ class Trainer:
         env = dist_env_from_job(job_env)
         os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                           MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+        if "OMP_NUM_THREADS" not in os.environ:   # as torchrun: no oversubscription by the tasks of a node
+            import torch
+            per_node = max(1, env.world_size // max(1, job_env.num_nodes))
+            cpus = os.environ.get("SLURM_CPUS_PER_TASK") or max(1, (os.cpu_count() or 1) // per_node)
+            torch.set_num_threads(int(cpus))
         if env.rank == 0:
             last = Path(self.out_dir) / "last.pt"
             self._log(job_env.job_id, "start", world_size=env.world_size, master=f"{env.master_addr}:{env.master_port}",
@@ -206,7 +211,8 @@ def plan_job(args: argparse.Namespace, train_argv: Sequence[str]) -> Plan:
     cfg.train.batch_size = global_batch(cfg.train, world)
     out_dir = output_dir(cfg, method).resolve()
     cfg.train.out_dir = str(out_dir)
-    train_args = [a for c in configs for a in ("--config", c)] + list(cl.overrides) + [f"train.out_dir={out_dir}"]
+    overrides = [o for o in cl.overrides if not o.startswith("train.out_dir=")]
+    train_args = [a for c in configs for a in ("--config", c)] + overrides + [f"train.out_dir={out_dir}"]
     return Plan(method, script, train_args, out_dir, world, cfg)
 
 
@@ -305,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.local:
         print("waiting for the local job (Ctrl-C cancels it) ...", flush=True)
         try:
-            job.result()
+            job.results()
         except KeyboardInterrupt:
             job.cancel()
             raise

@@ -168,7 +168,7 @@ def test_solarize_and_blur_ops():
 
 def test_views_depend_only_on_sample_seed():
     ds = SeededDataset(SyntheticShapes(4, 32), MultiView([ViewConfig(size=24, n=2), ViewConfig(size=16)]))
-    (views_a, y), (views_b, _) = ds[(1, 1234)], ds[(1, 1234)]
+    (views_a, _), (views_b, _) = ds[(1, 1234)], ds[(1, 1234)]
     assert [v.shape for v in views_a] == [(3, 24, 24), (3, 24, 24), (3, 16, 16)]
     assert all(torch.equal(a, b) for a, b in zip(views_a, views_b))
     assert not torch.equal(views_a[0], views_a[1])   # two crops of the same recipe differ

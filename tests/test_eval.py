@@ -14,7 +14,7 @@ from shared.eval.knn import knn_scores, topk_accuracy
 from shared.eval.linear import LinearProbe, linear_probe
 from shared.data.synthetic import SyntheticShapes
 
-from conftest import ROOT, TINY, run_cli
+from conftest import TINY, run_cli
 
 
 def reference_knn(train_f, train_y, test_f, num_classes, k, t):
