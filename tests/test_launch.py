@@ -103,6 +103,20 @@ def test_dry_run_prints_sbatch_parameters_and_config(tmp_path):
     assert not out.exists()
 
 
+def test_global_batch_or_fixed_per_gpu_batch():
+    def plan(*extra, nodes=4):
+        args = parse_launcher_args(["barlow/train.py", "--nodes", str(nodes), "--gpus-per-node", "8", "--dry-run"])
+        return plan_job(args, ["--config", "barlow/configs/in1k_1000ep.yaml", "data.root=/x", *extra]).cfg
+    assert plan().train.batch_size == 2048 and plan(nodes=1).train.batch_size == 2048   # the recipe's global batch
+    assert plan("train.per_gpu_batch=128").train.batch_size == 4096                       # grows with the GPUs
+    assert plan("train.per_gpu_batch=128", nodes=2).train.batch_size == 2048
+    from shared.optim import param_groups
+    from barlow.train import build
+    cfg = plan("train.per_gpu_batch=16", "model.backbone.name=resnet18", "model.projector=64-64")
+    peak = sorted(g["peak_lr"] for g in param_groups(build(cfg), cfg.optim, cfg.train.batch_size))
+    assert peak == pytest.approx([0.0048 * 512 / 256, 0.2 * 512 / 256])               # LR scaled on 16 x 32
+
+
 def _final_weights(out: Path) -> dict:
     return torch.load(out / "last.pt", weights_only=True)["model"]
 
