@@ -130,6 +130,8 @@ class ScheduleConfig:
     milestones: List[float] = field(default_factory=list)  # step decay: epochs at which lr *= gamma
     gamma: float = 0.1
     per_epoch: bool = False       # hold lr constant within an epoch (torch's epoch-stepped schedulers)
+    warmup_prefix: bool = True    # false: cosine over all steps from step 0, warmup included (timm's warmup_prefix=False)
+    lag_epochs: int = 0           # lr only: the schedule runs N epochs late, at its step-0 value until then (DeiT: 1)
     wd_final: Optional[float] = None  # cosine weight-decay schedule to this value (null: constant)
     ema_start: Optional[float] = None  # momentum-encoder coefficient at step 0 (null: no schedule)
     ema_final: float = 1.0
@@ -188,8 +190,43 @@ class LinearConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning of the whole backbone with a linear head (`shared.eval.finetune`).
+    Defaults: the DeiT recipe (facebookresearch/deit main.py, 2021, timm 0.3.2) that MoCo v3 fine-tunes
+    with (ViT-B: epochs=150). Learning rates are absolute at `lr_ref_batch`, as DeiT's arguments."""
+
+    epochs: int = 300             # DeiT's default; MoCo v3 fine-tunes ViT-B for 150
+    batch_size: int = 1024        # global batch
+    lr: float = 5e-4              # peak lr = lr * global batch / lr_ref_batch
+    lr_ref_batch: int = 512
+    weight_decay: float = 0.05    # AdamW; none on 1-D parameters, biases and the backbone's no_weight_decay() set
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: int = 5        # linear from warmup_lr, then cosine (per epoch) down to min_lr
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    layer_decay: float = 1.0      # layer-wise lr decay (BEiT/MAE): block i gets decay^(depth - i); 1.0 = off
+    clip_grad: float = 0.0        # max global grad norm; 0 = off (DeiT's default)
+    drop_path: float = 0.1        # stochastic depth of the fine-tuned backbone (timm models)
+    head_init_std: float = 0.02   # classifier weight ~ trunc_normal(std), bias 0 (timm 0.3.2's ViT head; MAE: 2e-5)
+    interpolation: str = choice("bicubic", "bicubic", "bilinear")  # train crop, RandAugment and eval resize
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ("" = off)
+    color_jitter: float = 0.4     # used by timm only when rand_augment is off
+    reprob: float = 0.25          # timm RandomErasing probability
+    remode: str = choice("pixel", "pixel", "rand", "const")
+    recount: int = 1
+    mixup: float = 0.8            # mixup alpha (0: off)
+    cutmix: float = 1.0           # cutmix alpha (0: off)
+    mixup_prob: float = 1.0       # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
+    smoothing: float = 0.1        # label smoothing
+    eval_every_epochs: int = 1
+    amp: str = choice("auto", "auto", "bf16", "fp16", "fp32")  # DeiT: fp16 with a GradScaler
+
+
+@dataclass
 class EvalConfig:
-    after_train: List[str] = field(default_factory=lambda: ["knn"])  # any of knn, linear
+    after_train: List[str] = field(default_factory=lambda: ["knn"])  # any of knn, linear, finetune
     compare_random_init: bool = False  # also evaluate a random-init backbone of the same architecture
     image_size: int = 224
     resize: int = 256             # eval transform: Resize(resize) -> CenterCrop(image_size)
@@ -198,6 +235,7 @@ class EvalConfig:
     std: Tuple[float, float, float] = IMAGENET_STD
     knn: KNNConfig = field(default_factory=KNNConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass

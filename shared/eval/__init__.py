@@ -1,5 +1,5 @@
-"""Evaluation: weighted kNN and the linear probe, after pretraining or on any checkpoint
-(`python -m shared.eval <checkpoint>`)."""
+"""Evaluation: weighted kNN, the linear probe and end-to-end fine-tuning, after pretraining or on
+any checkpoint (`python -m shared.eval <checkpoint>`)."""
 from __future__ import annotations
 
 import json
@@ -68,15 +68,17 @@ def recompute_bn_statistics(model: nn.Module, dataset, transform, batch_size: in
 
 def evaluate_after_training(cfg: RunConfig, backbone: nn.Module, out_dir: Path,
                             what: List[str] | None = None) -> Dict[str, Dict[str, Any]]:
-    """Run `cfg.eval.after_train` (knn, linear) on `backbone`, and on a random-init backbone when
-    `cfg.eval.compare_random_init`; print a table and write `out_dir/eval.json` (rank 0)."""
+    """Run `cfg.eval.after_train` (knn, linear, finetune) on `backbone`, and on a random-init backbone
+    when `cfg.eval.compare_random_init`; print a table and write `out_dir/eval.json` (rank 0).
+    Fine-tuning trains a copy: `backbone` is left unchanged."""
+    from shared.eval.finetune import finetune
     from shared.eval.linear import linear_probe
 
     what = list(what if what is not None else cfg.eval.after_train)
-    unknown = set(what) - {"knn", "linear"}
+    unknown = set(what) - {"knn", "linear", "finetune"}
     if unknown:
         from shared.errors import ConfigError
-        raise ConfigError(f"eval.after_train: unknown evaluation(s) {sorted(unknown)}; expected knn, linear")
+        raise ConfigError(f"eval.after_train: unknown evaluation(s) {sorted(unknown)}; expected knn, linear, finetune")
     train_set = build_image_dataset(cfg.data, "train")
     val_set = build_image_dataset(cfg.data, "val")
     candidates: List[Tuple[str, nn.Module]] = [("pretrained", backbone)]
@@ -93,6 +95,11 @@ def evaluate_after_training(cfg: RunConfig, backbone: nn.Module, out_dir: Path,
             res["linear"] = linear_probe(cfg, bb, train_set, val_set, len(train_set.classes),
                                          out_dir / f"linear_{name}", desc=f"linear ({name})")
             dist.print0(f"[eval] {name}: linear probe top-1 {res['linear']['top1']:.2f}")
+        if "finetune" in what:
+            res["finetune"] = finetune(cfg, bb, train_set, val_set, len(train_set.classes),
+                                       out_dir / f"finetune_{name}", desc=f"finetune ({name})")
+            dist.print0(f"[eval] {name}: fine-tuning top-1 {res['finetune']['top1']:.2f} "
+                        f"(best {res['finetune']['best_top1']:.2f})")
         results[name] = res
     if dist.is_main():
         (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
@@ -101,7 +108,7 @@ def evaluate_after_training(cfg: RunConfig, backbone: nn.Module, out_dir: Path,
 
 
 def format_table(results: Dict[str, Dict[str, Any]]) -> str:
-    cols = [c for c in ("knn", "linear") if any(c in r for r in results.values())]
+    cols = [c for c in ("knn", "linear", "finetune") if any(c in r for r in results.values())]
     head = f"{'backbone':<14}" + "".join(f"{c + ' top-1':>16}" for c in cols)
     rows = [head, "-" * len(head)]
     for name, r in results.items():

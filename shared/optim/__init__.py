@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,21 +32,25 @@ def param_groups(model: nn.Module, cfg: OptimConfig, global_batch: int) -> List[
 
     Each group carries `peak_lr` (its base lr scaled by the batch rule), `base_wd`, and `lars`
     (LARS adapts only the decay group, as in the official Barlow Twins / MoCo v3 code). The
-    schedule sets `lr` and `weight_decay` from these every step. Frozen parameters are left out."""
-    decay, no_decay = [], []
+    schedule sets `lr` and `weight_decay` from these every step. Frozen parameters are left out.
+    A model that defines `lr_scale(name) -> float` (layer-wise lr decay) gets each of the two
+    groups split by scale, largest first, each with its `lr_scale` multiplying `peak_lr`."""
+    scale_of = getattr(model, "lr_scale", None)
+    buckets: Dict[Tuple[str, float], List[Tuple[str, nn.Parameter]]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if _no_decay(name, p, cfg.no_decay) else decay).append((name, p))
+        tag = "no_decay" if _no_decay(name, p, cfg.no_decay) else "decay"
+        scale = float(scale_of(name)) if callable(scale_of) else 1.0
+        buckets.setdefault((tag, scale), []).append((name, p))
     groups = []
-    for tag, items, wd, base_lr in (("decay", decay, cfg.weight_decay, cfg.lr),
-                                    ("no_decay", no_decay, 0.0,
-                                     cfg.lr if cfg.lr_no_decay is None else cfg.lr_no_decay)):
-        if not items:
-            continue
-        groups.append({"params": [p for _, p in items], "param_names": [n for n, _ in items], "group": tag,
-                       "peak_lr": scaled_lr(base_lr, global_batch, cfg.lr_ref_batch), "base_wd": wd,
-                       "lr": 0.0, "weight_decay": wd, "lars": tag == "decay"})
+    for tag, wd, base_lr in (("decay", cfg.weight_decay, cfg.lr),
+                             ("no_decay", 0.0, cfg.lr if cfg.lr_no_decay is None else cfg.lr_no_decay)):
+        for scale in sorted((s for t, s in buckets if t == tag), reverse=True):
+            items = buckets[(tag, scale)]
+            groups.append({"params": [p for _, p in items], "param_names": [n for n, _ in items], "group": tag,
+                           "peak_lr": scaled_lr(base_lr, global_batch, cfg.lr_ref_batch) * scale, "lr_scale": scale,
+                           "base_wd": wd, "lr": 0.0, "weight_decay": wd, "lars": tag == "decay"})
     if not groups:
         raise ConfigError("the model has no trainable parameters")
     return groups

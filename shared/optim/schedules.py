@@ -3,7 +3,10 @@
 lr(step) = peak * lr_factor(step): linear warmup from `warmup_start` to 1 over `warmup_epochs`,
 then cosine to `final` (the Barlow Twins/MoCo v3 form `q + final * (1 - q)`, q = (1 + cos(pi t/T))/2),
 or step decay by `gamma` at each milestone epoch, or constant. `per_epoch` freezes the step at the
-start of its epoch (what torch's epoch-stepped CosineAnnealingLR gives).
+start of its epoch (what torch's epoch-stepped CosineAnnealingLR gives). `warmup_prefix=False` makes
+the cosine a function of the step counted from 0 over all steps, warmup included (timm's
+CosineLRScheduler default), and `lag_epochs` delays the lr schedule by whole epochs (DeiT calls
+`scheduler.step(epoch)` after epoch `epoch`, so epoch e trains at the value of epoch max(e - 1, 0)).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ def scaled_lr(base_lr: float, global_batch: int, ref_batch: int) -> float:
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, s: ScheduleConfig) -> float:
     total = steps_per_epoch * epochs
+    step = max(step - s.lag_epochs * steps_per_epoch, 0)
     if s.per_epoch:
         step = (step // steps_per_epoch) * steps_per_epoch
     warmup = round(s.warmup_epochs * steps_per_epoch)
@@ -30,7 +34,8 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, s: ScheduleConfig) -
     if s.kind == "step":
         epoch = step / steps_per_epoch
         return s.gamma ** sum(epoch >= m for m in s.milestones)
-    q = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    start = warmup if s.warmup_prefix else 0
+    q = 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(total - start, 1)))
     return q + s.final * (1.0 - q)
 
 

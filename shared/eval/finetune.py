@@ -1,0 +1,319 @@
+"""End-to-end fine-tuning of a pretrained backbone with a linear head, trained by the shared engine
+(so it checkpoints, resumes and runs under torchrun like pretraining).
+
+The recipe (`cfg.eval.finetune`) defaults to DeiT's (facebookresearch/deit main.py of 2021 on timm
+0.3.2), which MoCo v3 fine-tunes its ViTs with ("using all the default DeiT configs", ViT-B for 150
+epochs; MoCo v3 loads the pretrained weights into a freshly created DeiT model and trains it in
+train mode):
+  - AdamW (0.9, 0.999), eps 1e-8, lr 5e-4 x global batch / 512, weight decay 0.05, none on 1-D
+    parameters, biases and the backbone's `no_weight_decay()` set (pos_embed, cls_token), as timm's
+    `create_optimizer` (filter_bias_and_bn);
+  - timm's epoch-wise cosine (CosineLRScheduler, warmup_prefix=False): 5 warm-up epochs linear from
+    1e-6, then min_lr + (peak - min_lr)(1 + cos(pi e / epochs)) / 2 with e counted from 0, the
+    warm-up included. DeiT steps the scheduler after epoch e with e, so epoch e trains at the value
+    for epoch max(e - 1, 0): epochs 0 and 1 both run at 1e-6, and neither the peak nor min_lr is
+    ever reached exactly (`lag_epochs=1`, `warmup_prefix=false` in `finetune_config`);
+  - drop path 0.1; timm's `create_transform` (random resized crop, bicubic, flip, RandAugment
+    rand-m9-mstd0.5-inc1, random erasing p 0.25 'pixel' x1; timm applies colour jitter only when
+    RandAugment is off); eval Resize(eval.resize = 256) + CenterCrop(224), bicubic;
+  - mixup 0.8 / cutmix 1.0 per batch (prob 1, switch prob 0.5, 'batch' mode, cutmix area-corrected
+    lambda, the box of timm 0.3.2) on label-smoothed (0.1) one-hot targets, soft-target cross-entropy;
+  - the classifier weight ~ trunc_normal(std 0.02), bias 0 (timm 0.3.2's ViT init of its head).
+Layer-wise lr decay (BEiT/MAE `param_groups_lrd`, off by default): patch/position embedding and
+class token are layer 0, block i layer i + 1, everything after the blocks (final norm, head)
+layer depth + 1; a layer's lr (its whole schedule) is scaled by layer_decay^(depth + 1 - layer).
+
+Deviations from DeiT: no model EMA (DeiT keeps one, decay 0.99996, but only saves it: its reported
+accuracy is that of the trained model, which is what is evaluated here); no repeated augmentation
+(DeiT's RASampler shows each image 3 times per epoch on different GPUs, and an epoch covers about a
+third of the images): each epoch sees every image once; mixed precision follows `amp` (auto: bf16 on
+GPU) where DeiT used fp16 with a loss scaler (`amp=fp16`). Mixup's and timm's augmentation draws
+come from generators seeded per (seed, step, rank) and per (seed, epoch, image), so a resumed
+fine-tune sees the same batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from timm.data import create_transform
+from torch.utils.data import Dataset
+
+from shared import dist
+from shared.config import OptimConfig, RunConfig, ScheduleConfig
+from shared.data.augment import eval_transform
+from shared.engine import autocast_dtype, fit
+from shared.errors import ConfigError, UserError
+from shared.eval.features import extract
+from shared.eval.knn import topk_accuracy
+from shared.eval.linear import _logged_best, fingerprint
+from shared.models import build_backbone
+from shared.optim import scaled_lr
+
+EMBEDDING_PARAMS = ("cls_token", "pos_embed", "dist_token", "reg_token")  # layer 0, with patch_embed.*
+
+
+# ------------------------------------------------------------------------------------- targets
+def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """(N, C) targets: 1 - smoothing + smoothing / C on the label, smoothing / C elsewhere."""
+    off = smoothing / num_classes
+    t = torch.full((y.shape[0], num_classes), off, device=y.device)
+    return t.scatter_(1, y.long().view(-1, 1), 1.0 - smoothing + off)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of -sum_c target_c log softmax(logits)_c (in fp32)."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def cutmix_box(height: int, width: int, lam: float,
+               rs: np.random.RandomState) -> Tuple[Tuple[int, int, int, int], float]:
+    """A box of side sqrt(1 - lam) x the image around a uniform centre, clipped to the image, and
+    lambda corrected to the share of the image left outside it (timm 0.3.2: each half-side rounds down)."""
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = int(rs.randint(0, height)), int(rs.randint(0, width))
+    y0, y1 = min(max(cy - cut_h // 2, 0), height), min(max(cy + cut_h // 2, 0), height)
+    x0, x1 = min(max(cx - cut_w // 2, 0), width), min(max(cx + cut_w // 2, 0), width)
+    return (y0, y1, x0, x1), 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+
+
+class MixupCutmix:
+    """Mixup / CutMix of a whole batch with its reverse (timm's Mixup in 'batch' mode, as DeiT
+    uses it), returning the mixed images and the mixed label-smoothed targets. With both alphas 0
+    the images pass unchanged and the targets are the smoothed one-hot vectors (DeiT's label
+    smoothing loss). The draws come from a NumPy RandomState seeded from torch's generator, in
+    timm's order: apply?, cutmix?, lambda ~ Beta(alpha, alpha), then the box centre (y, x)."""
+
+    def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, prob: float = 1.0,
+                 switch_prob: float = 0.5, smoothing: float = 0.1):
+        if mixup < 0 or cutmix < 0 or not 0 <= prob <= 1 or not 0 <= switch_prob <= 1 or not 0 <= smoothing < 1:
+            raise ConfigError(f"eval.finetune: mixup={mixup}, cutmix={cutmix} must be >= 0 and mixup_prob={prob}, "
+                              f"mixup_switch_prob={switch_prob}, smoothing={smoothing} in [0, 1]")
+        self.num_classes, self.mixup, self.cutmix = num_classes, mixup, cutmix
+        self.prob, self.switch_prob, self.smoothing = prob, switch_prob, smoothing
+
+    @property
+    def active(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    def draw(self, rs: np.random.RandomState) -> Tuple[float, bool]:
+        """(lambda, use cutmix) for one batch; lambda 1 means no mixing."""
+        if not self.active or rs.rand() >= self.prob:
+            return 1.0, False
+        use_cutmix = self.cutmix > 0
+        if self.mixup > 0 and self.cutmix > 0:
+            use_cutmix = bool(rs.rand() < self.switch_prob)
+        alpha = self.cutmix if use_cutmix else self.mixup
+        return float(rs.beta(alpha, alpha)), use_cutmix
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 rs: Optional[np.random.RandomState] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        target = smooth_one_hot(y, self.num_classes, self.smoothing)
+        if not self.active:
+            return x, target
+        if rs is None:
+            rs = np.random.RandomState(int(torch.randint(0, 2 ** 32, (1,)).item()))
+        lam, use_cutmix = self.draw(rs)
+        if lam == 1.0:
+            return x, target
+        if use_cutmix:
+            (y0, y1, x0, x1), lam = cutmix_box(x.shape[-2], x.shape[-1], lam, rs)
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+        else:
+            x = x * lam + x.flip(0) * (1.0 - lam)
+        return x, target * lam + target.flip(0) * (1.0 - lam)
+
+
+# --------------------------------------------------------------------------------------- model
+def layer_id(name: str, depth: int) -> int:
+    """BEiT/MAE layer of a parameter of a timm ViT (names without the `backbone.` prefix): embeddings
+    0, block i i + 1, anything else (final norm, head) depth + 1."""
+    if name in EMBEDDING_PARAMS or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+class Finetuner(nn.Module):
+    """`backbone` (trained) -> Linear head; `forward` mixes the batch and returns the soft-target loss."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, mix: MixupCutmix, head_init_std: float = 0.02,
+                 layer_decay: float = 1.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.out_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=head_init_std)   # bounds +-2 (absolute), as timm's
+        nn.init.zeros_(self.head.bias)
+        self.mix, self.layer_decay = mix, layer_decay
+        self.depth = len(backbone.blocks) if hasattr(backbone, "blocks") else None
+        if layer_decay != 1.0 and self.depth is None:
+            raise ConfigError(f"eval.finetune.layer_decay={layer_decay} needs a ViT backbone (with `blocks`), "
+                              f"got {type(backbone).__name__}")
+
+    def lr_scale(self, name: str) -> float:
+        """Layer-wise lr decay, read by `shared.optim.param_groups`."""
+        if self.layer_decay == 1.0:
+            return 1.0
+        short = name[len("backbone."):] if name.startswith("backbone.") else name
+        return self.layer_decay ** (self.depth + 1 - layer_id(short, self.depth))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def forward(self, batch, ctx=None) -> Dict[str, torch.Tensor]:
+        x, y = batch
+        x, target = self.mix(x, y)
+        return {"loss": soft_target_cross_entropy(self.logits(x), target)}
+
+
+def finetune_backbone(cfg: RunConfig, backbone: nn.Module) -> nn.Module:
+    """A fresh `cfg.model.backbone` with the fine-tuning drop path, holding `backbone`'s weights,
+    every parameter trainable (MoCo v3's frozen patch projection / fixed position embedding included,
+    as when its weights are loaded into a DeiT model). `backbone` itself is left untouched."""
+    bb = build_backbone(replace(cfg.model.backbone, drop_path=cfg.eval.finetune.drop_path))
+    try:
+        bb.load_state_dict(backbone.state_dict())
+    except RuntimeError as exc:
+        raise UserError(f"fine-tuning: the backbone does not match model.backbone.name={cfg.model.backbone.name} "
+                        f"({str(exc).splitlines()[0]})") from None
+    return bb.requires_grad_(True)
+
+
+def no_weight_decay_rules(backbone: nn.Module) -> List[str]:
+    """timm's create_optimizer filter: 1-D parameters, biases, and the model's `no_weight_decay()` names."""
+    skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+    return ["ndim<=1", "bias", *sorted(f"backbone.{n}" for n in skip)]
+
+
+# -------------------------------------------------------------------------------------- config
+def finetune_config(cfg: RunConfig, out_dir: Path, no_decay: Sequence[str] = ("ndim<=1", "bias")) -> RunConfig:
+    """The engine config of the fine-tune: optimizer, schedule, batch and epochs from `cfg.eval.finetune`."""
+    fc = cfg.eval.finetune
+    peak = scaled_lr(fc.lr, fc.batch_size, fc.lr_ref_batch)
+    if peak <= 0 or fc.warmup_lr < 0 or fc.min_lr < 0:
+        raise ConfigError(f"eval.finetune: lr={fc.lr} must be > 0, warmup_lr={fc.warmup_lr} and "
+                          f"min_lr={fc.min_lr} >= 0")
+    return replace(
+        cfg,
+        optim=OptimConfig(name="adamw", lr=fc.lr, lr_ref_batch=fc.lr_ref_batch, weight_decay=fc.weight_decay,
+                          no_decay=list(no_decay), betas=tuple(fc.betas), eps=fc.eps, clip_grad=fc.clip_grad),
+        sched=ScheduleConfig(kind="cosine", warmup_epochs=fc.warmup_epochs, warmup_start=fc.warmup_lr / peak,
+                             final=fc.min_lr / peak, per_epoch=True, warmup_prefix=False, lag_epochs=1),
+        train=replace(cfg.train, amp=fc.amp, epochs=fc.epochs, batch_size=fc.batch_size, per_gpu_batch=0,
+                      drop_last=True, out_dir=str(out_dir), sync_bn=False, compile=False, ckpt_every_epochs=1,
+                      keep_every_epochs=0),
+    )
+
+
+# ---------------------------------------------------------------------------------- transforms
+class SeededTimmTransform:
+    """Runs a timm transform (which draws from Python's `random` and NumPy's global generator) with
+    both seeded from torch's generator, which the loader seeds per (seed, epoch, image); the
+    previous generator states are restored afterwards."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, img):
+        seed = int(torch.randint(0, 2 ** 32, (1,)).item())
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.transform(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def __repr__(self) -> str:
+        return f"SeededTimmTransform({self.transform})"
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op with the meaning Pillow gave 0 bits when DeiT ran (a black image): current
+    Pillow rejects 0, which RandAugment's PosterizeIncreasing reaches whenever the noisy magnitude
+    (m9, std 0.5) is clipped at 10."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def train_transform(cfg: RunConfig) -> SeededTimmTransform:
+    """DeiT's training transform: timm's `create_transform(is_training=True)` with the recipe's values."""
+    fc, ec = cfg.eval.finetune, cfg.eval
+    tf = create_transform(
+        input_size=ec.image_size, is_training=True, color_jitter=fc.color_jitter,
+        auto_augment=fc.rand_augment or None, interpolation=fc.interpolation, re_prob=fc.reprob,
+        re_mode=fc.remode, re_count=fc.recount, mean=tuple(ec.mean), std=tuple(ec.std))
+    for t in tf.transforms:
+        for op in getattr(t, "ops", ()):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = posterize
+    return SeededTimmTransform(tf)
+
+
+# ----------------------------------------------------------------------------------------- run
+def _resumable(backbone: nn.Module, out_dir: Path) -> bool:
+    """Whether a fine-tune left in `out_dir` started from this backbone (then it may resume)."""
+    path = Path(out_dir) / "backbone.sha256"
+    mine = fingerprint(backbone)
+    before = path.read_text().strip() if path.is_file() else None
+    dist.barrier()
+    if dist.is_main():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        path.write_text(mine + "\n")
+        if before is not None and before != mine and (Path(out_dir) / "last.pt").is_file():
+            print(f"fine-tuning: {out_dir} holds a fine-tune of another backbone; starting afresh", flush=True)
+    return before is None or before == mine
+
+
+def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int,
+             out_dir: Path, desc: str = "finetune") -> Dict[str, float]:
+    """Fine-tune a copy of `backbone` with a linear head on `train_set` (PIL images, labels) and
+    evaluate on `val_set`. Returns top-1/top-5 of the last epoch and the best top-1 over evaluations
+    (DeiT prints both). A second call with the same backbone and folder resumes (or only evaluates)."""
+    _, device = dist.init(cfg.train.device)
+    fc, ec = cfg.eval.finetune, cfg.eval
+    resume = cfg.train.resume and _resumable(backbone, out_dir)
+    torch.manual_seed(cfg.train.seed)
+    mix = MixupCutmix(num_classes, fc.mixup, fc.cutmix, fc.mixup_prob, fc.mixup_switch_prob, fc.smoothing)
+    model = Finetuner(finetune_backbone(cfg, backbone), num_classes, mix, fc.head_init_std, fc.layer_decay)
+    dtype = autocast_dtype(fc.amp, device)
+    val_tf = eval_transform(ec.image_size, ec.resize, fc.interpolation, ec.mean, ec.std)
+    best = {"top1": 0.0}
+    last: Dict[str, float] = {}
+    earlier = {"read": False}
+
+    def evaluate(net: nn.Module, epoch: int) -> Dict[str, float]:
+        if (epoch + 1) % max(1, fc.eval_every_epochs) and epoch + 1 != fc.epochs:
+            return {}
+        net.eval()
+        logits, labels = extract(net.logits, val_set, val_tf, ec.knn.batch_size, device, cfg.data.workers, dtype)
+        top1, top5 = topk_accuracy(logits, labels, (1, 5))
+        if not earlier["read"]:      # a resumed fine-tune: the evaluations of earlier attempts count too
+            earlier["read"] = True
+            best["top1"] = max([best["top1"], *_logged_best(out_dir)])
+        best["top1"] = max(best["top1"], top1)
+        last.update(top1=top1, top5=top5)
+        return {"top1": top1, "top5": top5, "best_top1": best["top1"]}
+
+    fcfg = finetune_config(cfg, out_dir, no_weight_decay_rules(model.backbone))
+    fcfg.train.resume = resume
+    result = fit(fcfg, model, train_set, train_transform(cfg), method="finetune", out_dir=out_dir,
+                 on_epoch_end=evaluate, progress_desc=desc)
+    if not last:  # resumed after the fine-tune had finished: evaluate the stored model once
+        evaluate(result.model, fc.epochs - 1)
+    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"]}
