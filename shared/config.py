@@ -92,6 +92,7 @@ class BackboneConfig:
     zero_init_residual: bool = False
     img_size: int = 224           # timm models only
     drop_path: float = 0.0        # timm models only
+    conv_stem: bool = False       # timm ViTs: a convolutional stem instead of the patch projection (Xiao et al. 2021)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
 
 

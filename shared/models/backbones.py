@@ -54,6 +54,38 @@ class ResNet(tv_resnet.ResNet):
         return out
 
 
+class ConvStem(nn.Module):
+    """Convolutional stem for a ViT with 16x16 patches ("Early Convolutions Help Transformers See
+    Better", Xiao et al. 2021, as used by MoCo v3's `vit_conv_*`): four stride-2 3x3 convolutions
+    (no bias) each with BatchNorm and ReLU, widths D/8, D/4, D/2, D, then a 1x1 convolution to D.
+    Drop-in for timm's PatchEmbed (`embed_layer=`): (N, 3, H, W) -> (N, H/16 * W/16, D)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, **_ignored):
+        super().__init__()
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        patch = patch_size if isinstance(patch_size, int) else patch_size[0]
+        if patch != 16 or embed_dim % 8:
+            raise ConfigError(f"model.backbone.conv_stem needs patch size 16 and a width divisible by 8, "
+                              f"got patch {patch_size} and width {embed_dim}")
+        self.img_size, self.patch_size = size, (16, 16)
+        self.grid_size = (size[0] // 16, size[1] // 16)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers: list[nn.Module] = []
+        width_in, width = in_chans, embed_dim // 8
+        for _ in range(4):
+            layers += [nn.Conv2d(width_in, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True)]
+            width_in, width = width, width * 2
+        layers.append(nn.Conv2d(width_in, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+    def feat_ratio(self, as_scalar: bool = True):
+        return 16 if as_scalar else (16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     name = cfg.name
     if name in RESNETS:
@@ -66,6 +98,8 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         near = [n for n in RESNETS if n.startswith(name[:4])] + timm.list_models(f"*{name.split('_')[0]}*")[:5]
         raise ConfigError(f"model.backbone.name: unknown backbone '{name}'; e.g. {', '.join(near) or 'resnet50'}")
     kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=cfg.drop_path, img_size=cfg.img_size, **cfg.kwargs)
+    if cfg.conv_stem:
+        kwargs["embed_layer"] = ConvStem
     try:
         model = timm.create_model(name, **kwargs)
     except TypeError as exc:  # convolutional timm models take no img_size
