@@ -131,6 +131,6 @@ def test_probe_resumes_its_best_and_restarts_for_another_backbone(tmp_path, caps
     other = build_backbone(cfg.model.backbone)
     capsys.readouterr()
     linear_probe(cfg, other, train, val, 4, tmp_path / "probe")
-    assert "holds a probe of another backbone; starting afresh" in capsys.readouterr().out
+    assert "linear probe: " + str(tmp_path / "probe") + " holds a run of another backbone; starting afresh" in capsys.readouterr().out
     records = [json.loads(l) for l in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 3, 5]   # one fresh run, no leftovers

@@ -22,3 +22,18 @@ def test_short_pretraining_beats_random_init(tmp_path):
     assert pre["knn"]["top1"] >= rnd["knn"]["top1"] + 3.0, res
     assert pre["linear"]["top1"] >= rnd["linear"]["top1"] + 15.0, res
     assert pre["knn"]["top1"] >= 80.0 and pre["linear"]["top1"] >= 80.0, res
+
+
+@pytest.mark.slow
+def test_mocov3_demo_beats_random_init_on_the_linear_probe(tmp_path):
+    # the MoCo v3 demo recipe as `python mocov3/train.py --config mocov3/configs/demo.yaml` runs it
+    # (about 5 minutes on 2 cores). Measured on this machine: linear 85.6 vs 56.8, but kNN 74.6 vs
+    # 79.5 -- at this budget MoCo v3 does not beat random init on kNN (see mocov3/README.md), and at
+    # 12 epochs the linear margin shrinks to 12 points, so the full recipe is run.
+    r = run_cli(["mocov3/train.py", "--config", str(ROOT / "mocov3/configs/demo.yaml"),
+                 f"train.out_dir={tmp_path}", "train.tensorboard=false"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "eval.json").read_text())
+    pre, rnd = res["pretrained"], res["random_init"]
+    assert pre["linear"]["top1"] >= rnd["linear"]["top1"] + 15.0, res
+    assert pre["linear"]["top1"] >= 75.0, res

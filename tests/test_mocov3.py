@@ -272,3 +272,14 @@ def test_two_process_loss_and_gradients_match_full_batch(tmp_path):
     assert torch.allclose((results[0][2] + results[1][2]) / 2, whole.detach(), rtol=1e-12)
     got = torch.cat([results[0][3], results[1][3]]) / 2       # each rank's mean is over 4 queries, not 8
     assert torch.allclose(got, q.grad, rtol=1e-10)
+
+
+@pytest.mark.parametrize("recipe_name", ["demo", "demo_vit"])
+def test_tiny_recipes_run_end_to_end(tmp_path, recipe_name):
+    from conftest import TINY, run_cli
+    tiny = [o for o in TINY if not o.startswith(("model.projector", "aug.views", "eval.image_size", "eval.resize"))]
+    r = run_cli(["mocov3/train.py", "--config", str(CONFIGS / f"{recipe_name}.yaml"), *tiny, "model.mlp_dim=32",
+                 "model.dim=16", "eval.after_train=[knn]", f"train.out_dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 8
+    assert (tmp_path / "backbone.pt").is_file() and (tmp_path / "eval.json").is_file()

@@ -54,7 +54,7 @@ from shared.engine import autocast_dtype, fit
 from shared.errors import ConfigError, UserError
 from shared.eval.features import extract
 from shared.eval.knn import topk_accuracy
-from shared.eval.linear import _logged_best, fingerprint
+from shared.eval.linear import logged_best, same_backbone_as_before
 from shared.models import build_backbone
 from shared.optim import scaled_lr
 
@@ -266,20 +266,6 @@ def train_transform(cfg: RunConfig) -> SeededTimmTransform:
 
 
 # ----------------------------------------------------------------------------------------- run
-def _resumable(backbone: nn.Module, out_dir: Path) -> bool:
-    """Whether a fine-tune left in `out_dir` started from this backbone (then it may resume)."""
-    path = Path(out_dir) / "backbone.sha256"
-    mine = fingerprint(backbone)
-    before = path.read_text().strip() if path.is_file() else None
-    dist.barrier()
-    if dist.is_main():
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        path.write_text(mine + "\n")
-        if before is not None and before != mine and (Path(out_dir) / "last.pt").is_file():
-            print(f"fine-tuning: {out_dir} holds a fine-tune of another backbone; starting afresh", flush=True)
-    return before is None or before == mine
-
-
 def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int,
              out_dir: Path, desc: str = "finetune") -> Dict[str, float]:
     """Fine-tune a copy of `backbone` with a linear head on `train_set` (PIL images, labels) and
@@ -287,7 +273,7 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
     (DeiT prints both). A second call with the same backbone and folder resumes (or only evaluates)."""
     _, device = dist.init(cfg.train.device)
     fc, ec = cfg.eval.finetune, cfg.eval
-    resume = cfg.train.resume and _resumable(backbone, out_dir)
+    resume = cfg.train.resume and same_backbone_as_before(backbone, out_dir, "fine-tuning")
     torch.manual_seed(cfg.train.seed)
     mix = MixupCutmix(num_classes, fc.mixup, fc.cutmix, fc.mixup_prob, fc.mixup_switch_prob, fc.smoothing)
     model = Finetuner(finetune_backbone(cfg, backbone), num_classes, mix, fc.head_init_std, fc.layer_decay)
@@ -305,7 +291,7 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
         top1, top5 = topk_accuracy(logits, labels, (1, 5))
         if not earlier["read"]:      # a resumed fine-tune: the evaluations of earlier attempts count too
             earlier["read"] = True
-            best["top1"] = max([best["top1"], *_logged_best(out_dir)])
+            best["top1"] = max([best["top1"], *logged_best(out_dir)])
         best["top1"] = max(best["top1"], top1)
         last.update(top1=top1, top5=top5)
         return {"top1": top1, "top5": top5, "best_top1": best["top1"]}

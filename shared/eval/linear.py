@@ -97,9 +97,10 @@ def fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _same_backbone_as_before(backbone: nn.Module, out_dir: Path) -> bool:
-    """Whether a probe left in `out_dir` was trained on this backbone (then it may resume). A probe
-    of another backbone (the folder of an earlier pretraining) is started afresh, with a note."""
+def same_backbone_as_before(backbone: nn.Module, out_dir: Path, what: str = "linear probe") -> bool:
+    """Whether an evaluation run (probe, fine-tune) left in `out_dir` started from this backbone
+    (then it may resume). One of another backbone (the folder of an earlier pretraining) is started
+    afresh, with a note."""
     path = Path(out_dir) / FINGERPRINT
     mine = fingerprint(backbone)
     before = path.read_text().strip() if path.is_file() else None
@@ -108,11 +109,11 @@ def _same_backbone_as_before(backbone: nn.Module, out_dir: Path) -> bool:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         path.write_text(mine + "\n")
         if before is not None and before != mine and (Path(out_dir) / "last.pt").is_file():
-            print(f"linear probe: {out_dir} holds a probe of another backbone; starting afresh", flush=True)
+            print(f"{what}: {out_dir} holds a run of another backbone; starting afresh", flush=True)
     return before is None or before == mine
 
 
-def _logged_best(out_dir: Path) -> List[float]:
+def logged_best(out_dir: Path) -> List[float]:
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -145,7 +146,7 @@ def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_se
         train_data = train_set
         train_tf = linear_train_transform(ec.image_size, lc.crop_scale, lc.interpolation, ec.mean, ec.std)
         val_data, val_tf_used = val_set, val_tf
-    resume = cfg.train.resume and _same_backbone_as_before(backbone, out_dir)
+    resume = cfg.train.resume and same_backbone_as_before(backbone, out_dir)
     best = {"top1": 0.0}
     last: Dict[str, float] = {}
     earlier = {"read": False}
@@ -165,7 +166,7 @@ def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_se
         check_frozen()
         if not earlier["read"]:      # a resumed probe: the evaluations of earlier attempts count too
             earlier["read"] = True
-            best["top1"] = max([best["top1"], *_logged_best(out_dir)])
+            best["top1"] = max([best["top1"], *logged_best(out_dir)])
         best["top1"] = max(best["top1"], top1)
         last.update(top1=top1, top5=top5)
         return {"top1": top1, "top5": top5, "best_top1": best["top1"]}
