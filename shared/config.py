@@ -48,8 +48,10 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = choice("synthetic", "synthetic", "folder")
-    root: str = ""                # folder: the dataset root holding train_dir/ and val_dir/
+    source: str = choice("synthetic", "synthetic", "folder", "images")
+    root: str = ""                # folder / images: the dataset root holding train_dir/ and val_dir/
+    # folder: ImageNet layout (<split>/<class>/<image>); images: unlabelled images anywhere under
+    # <split>/ (e.g. COCO: root=/data/coco train_dir=train2017), for pretraining only
     train_dir: str = "train"
     val_dir: str = "val"
     skip_bad_files: bool = False  # folder: replace unreadable images by the next one, and count them
@@ -226,8 +228,27 @@ class FinetuneConfig:
 
 
 @dataclass
+class SegProbeConfig:
+    """Segmentation linear probe (`shared.eval.segprobe`): [BN] -> 1x1 convolution on one frozen
+    feature map, logits upsampled to the mask, pixel cross-entropy. Features are extracted once with
+    the eval transform (no augmentation); needs per-pixel masks (data.source=synthetic).
+    The optimizer is AdamW rather than SGD: its per-parameter step lets one lr serve feature maps of
+    very different scales (random init vs pretrained, C2 vs C5, bn=false); the problem (per-pixel
+    logistic regression on fixed features) is convex. Measured on synthetic masks: lr 0.03 converges
+    within 30 epochs of 8 to 32 steps, 0.01 visibly does not; fewer steps (larger batches) converge worse."""
+
+    stage: int = -1               # feature map: forward_intermediates index (ResNet 0..3 = C2..C5); -1 = last
+    epochs: int = 30
+    batch_size: int = 64          # images per step (all their pixels): 32 steps an epoch on 2048 images
+    lr: float = 3e-2              # AdamW peak lr: linear warm-up, then cosine to 0 (per step)
+    warmup_epochs: float = 2.0    # Adam's first steps overshoot on wide (2048-d) maps without it
+    weight_decay: float = 1e-4    # decoupled, on the classifier weight only
+    bn: bool = True               # affine-free BatchNorm2d on the features before the classifier
+
+
+@dataclass
 class EvalConfig:
-    after_train: List[str] = field(default_factory=lambda: ["knn"])  # any of knn, linear, finetune
+    after_train: List[str] = field(default_factory=lambda: ["knn"])  # any of knn, linear, finetune, seg
     compare_random_init: bool = False  # also evaluate a random-init backbone of the same architecture
     image_size: int = 224
     resize: int = 256             # eval transform: Resize(resize) -> CenterCrop(image_size)
@@ -237,6 +258,7 @@ class EvalConfig:
     knn: KNNConfig = field(default_factory=KNNConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    seg: SegProbeConfig = field(default_factory=SegProbeConfig)
 
 
 @dataclass

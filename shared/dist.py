@@ -205,6 +205,29 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def shuffle_batch(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """MoCo's shuffle-BN: this rank's slice of a random permutation of the global batch (the
+    permutation drawn on rank 0 and broadcast), and the inverse permutation for `unshuffle_batch`.
+    BatchNorm in the key encoder then sees a different mix of images on each rank, so the keys
+    cannot cheat through per-rank batch statistics. Single process: `x` itself (BatchNorm over the
+    whole batch does not depend on the order), inverse None."""
+    if not is_dist():
+        return x, None
+    gathered = all_gather_nograd(x)
+    perm = broadcast(torch.randperm(gathered.shape[0], device=x.device), 0)
+    mine = perm.view(world_size(), -1)[rank()]
+    return gathered[mine], torch.argsort(perm)
+
+
+@torch.no_grad()
+def unshuffle_batch(x: torch.Tensor, inverse: Optional[torch.Tensor]) -> torch.Tensor:
+    """Undo `shuffle_batch`: each rank gets back the rows of its own images, in their order."""
+    if inverse is None:
+        return x
+    return all_gather_nograd(x)[inverse.view(world_size(), -1)[rank()]]
+
+
 # ---------------------------------------------------------------------------- synchronised BN
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch over all ranks, with exact

@@ -265,6 +265,9 @@ def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], meth
     from shared.data.loader import build_image_dataset
     from shared.eval import evaluate_after_training
 
+    if cfg.eval.after_train and cfg.data.source == "images":
+        raise ConfigError(f"eval.after_train={list(cfg.eval.after_train)} needs class labels and data.source=images "
+                          "has none: set eval.after_train=[] and evaluate the checkpoint on a labelled set")
     _, device = dist.init(cfg.train.device)
     cfg.train.batch_size = global_batch(cfg.train, dist.world_size())   # before the model reads it
     if dist.is_main():

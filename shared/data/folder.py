@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -14,28 +14,39 @@ from shared.errors import DataError
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpe", ".jfif")
 
 
+def _images(folder: Path) -> List[str]:
+    """Every image file under `folder`, recursively, in sorted order."""
+    out = []
+    for dirpath, _, files in sorted(os.walk(folder, followlinks=True)):
+        out += [os.path.join(dirpath, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+    return out
+
+
 class ImageFolder(Dataset):
     """`ds[i] -> (PIL RGB image, class index)`. Classes are the sorted sub-folder names.
+    `labelled=False`: every image under the folder, label -1 and no classes (e.g. COCO train2017
+    for pretraining).
 
     An unreadable image raises `DataError` naming the file, unless `skip_bad_files`: then the next
     readable image is returned instead and each skip is logged to stderr with a running count."""
 
-    def __init__(self, root: str | Path, skip_bad_files: bool = False, key: str = "data.root"):
+    def __init__(self, root: str | Path, skip_bad_files: bool = False, key: str = "data.root",
+                 labelled: bool = True):
         root = Path(root)
+        layout = "ImageNet layout" if labelled else "images (any sub-folders)"
         if not str(root) or not root.exists():
-            raise DataError(f"dataset folder not found: '{root}' (set {key} to a folder in ImageNet layout)")
+            raise DataError(f"dataset folder not found: '{root}' (set {key} to a folder of {layout})")
         if not root.is_dir():
             raise DataError(f"dataset path is not a folder: '{root}' (from {key})")
         self.root = root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes:
-            raise DataError(f"no class folders in '{root}': expected {root}/<class>/<image> (from {key})")
-        self.samples: List[Tuple[str, int]] = []
-        for label, cls in enumerate(self.classes):
-            for dirpath, _, files in sorted(os.walk(root / cls, followlinks=True)):
-                for f in sorted(files):
-                    if f.lower().endswith(IMG_EXTENSIONS):
-                        self.samples.append((os.path.join(dirpath, f), label))
+        if labelled:
+            self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+            if not self.classes:
+                raise DataError(f"no class folders in '{root}': expected {root}/<class>/<image> (from {key})")
+            self.samples = [(path, label) for label, cls in enumerate(self.classes) for path in _images(root / cls)]
+        else:
+            self.classes = []
+            self.samples = [(path, -1) for path in _images(root)]
         if not self.samples:
             raise DataError(f"no images ({', '.join(IMG_EXTENSIONS[:3])}, ...) under '{root}' (from {key})")
         self.targets = [s[1] for s in self.samples]

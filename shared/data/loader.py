@@ -110,10 +110,11 @@ def build_image_dataset(data: DataConfig, split: str) -> Dataset:
                                rotation=s.rotation)
     sub = data.train_dir if split == "train" else data.val_dir
     if not data.root:
-        raise DataError("data.source=folder needs data.root: the dataset folder holding "
+        raise DataError(f"data.source={data.source} needs data.root: the dataset folder holding "
                         f"{data.train_dir}/ and {data.val_dir}/")
     return ImageFolder(Path(data.root) / sub, skip_bad_files=data.skip_bad_files,
-                       key=f"data.root + data.{'train' if split == 'train' else 'val'}_dir")
+                       key=f"data.root + data.{'train' if split == 'train' else 'val'}_dir",
+                       labelled=data.source == "folder")
 
 
 def num_classes(ds: Dataset) -> int:

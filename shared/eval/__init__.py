@@ -1,5 +1,5 @@
-"""Evaluation: weighted kNN, the linear probe and end-to-end fine-tuning, after pretraining or on
-any checkpoint (`python -m shared.eval <checkpoint>`)."""
+"""Evaluation: weighted kNN, the linear probe, end-to-end fine-tuning and the segmentation linear
+probe, after pretraining or on any checkpoint (`python -m shared.eval <checkpoint>`)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,11 @@ from shared.engine import autocast_dtype
 from shared.eval.features import extract
 from shared.eval.knn import knn_scores, topk_accuracy
 from shared.models import build_backbone
+
+EVALUATIONS = ("knn", "linear", "finetune", "seg")
+# evaluation -> (metric in its result, column header of the table)
+TABLE_COLUMNS = {"knn": ("top1", "knn top-1"), "linear": ("top1", "linear top-1"),
+                 "finetune": ("top1", "finetune top-1"), "seg": ("miou", "seg mIoU")}
 
 
 def knn_eval(cfg: RunConfig, backbone: nn.Module, train_set, val_set) -> Dict[str, float]:
@@ -68,17 +73,21 @@ def recompute_bn_statistics(model: nn.Module, dataset, transform, batch_size: in
 
 def evaluate_after_training(cfg: RunConfig, backbone: nn.Module, out_dir: Path,
                             what: List[str] | None = None) -> Dict[str, Dict[str, Any]]:
-    """Run `cfg.eval.after_train` (knn, linear, finetune) on `backbone`, and on a random-init backbone
+    """Run `cfg.eval.after_train` (knn, linear, finetune, seg) on `backbone`, and on a random-init backbone
     when `cfg.eval.compare_random_init`; print a table and write `out_dir/eval.json` (rank 0).
     Fine-tuning trains a copy: `backbone` is left unchanged."""
+    from shared.errors import ConfigError
     from shared.eval.finetune import finetune
     from shared.eval.linear import linear_probe
+    from shared.eval.segprobe import seg_probe
 
     what = list(what if what is not None else cfg.eval.after_train)
-    unknown = set(what) - {"knn", "linear", "finetune"}
+    unknown = set(what) - set(EVALUATIONS)
     if unknown:
-        from shared.errors import ConfigError
-        raise ConfigError(f"eval.after_train: unknown evaluation(s) {sorted(unknown)}; expected knn, linear, finetune")
+        raise ConfigError(f"eval.after_train: unknown evaluation(s) {sorted(unknown)}; expected {', '.join(EVALUATIONS)}")
+    if "seg" in what and cfg.data.source != "synthetic":
+        raise ConfigError(f"eval.after_train: the segmentation probe (seg) needs per-pixel masks: data.source=synthetic, "
+                          f"not {cfg.data.source}")
     train_set = build_image_dataset(cfg.data, "train")
     val_set = build_image_dataset(cfg.data, "val")
     candidates: List[Tuple[str, nn.Module]] = [("pretrained", backbone)]
@@ -100,6 +109,11 @@ def evaluate_after_training(cfg: RunConfig, backbone: nn.Module, out_dir: Path,
                                        out_dir / f"finetune_{name}", desc=f"finetune ({name})")
             dist.print0(f"[eval] {name}: fine-tuning top-1 {res['finetune']['top1']:.2f} "
                         f"(best {res['finetune']['best_top1']:.2f})")
+        if "seg" in what:
+            res["seg"] = seg_probe(cfg, bb, train_set, val_set, len(train_set.classes), out_dir / f"seg_{name}",
+                                   desc=f"seg probe ({name})")
+            dist.print0(f"[eval] {name}: seg probe (stage {cfg.eval.seg.stage}) mIoU {res['seg']['miou']:.2f}, "
+                        f"pixel acc {res['seg']['pixel_acc']:.2f}")
         results[name] = res
     if dist.is_main():
         (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
@@ -108,9 +122,10 @@ def evaluate_after_training(cfg: RunConfig, backbone: nn.Module, out_dir: Path,
 
 
 def format_table(results: Dict[str, Dict[str, Any]]) -> str:
-    cols = [c for c in ("knn", "linear", "finetune") if any(c in r for r in results.values())]
-    head = f"{'backbone':<14}" + "".join(f"{c + ' top-1':>16}" for c in cols)
+    cols = [c for c in EVALUATIONS if any(c in r for r in results.values())]
+    head = f"{'backbone':<14}" + "".join(f"{TABLE_COLUMNS[c][1]:>16}" for c in cols)
     rows = [head, "-" * len(head)]
     for name, r in results.items():
-        rows.append(f"{name:<14}" + "".join(f"{r[c]['top1']:>16.2f}" if c in r else f"{'-':>16}" for c in cols))
+        rows.append(f"{name:<14}" + "".join(f"{r[c][TABLE_COLUMNS[c][0]]:>16.2f}" if c in r else f"{'-':>16}"
+                                            for c in cols))
     return "\n".join(rows)
