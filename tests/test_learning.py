@@ -37,3 +37,18 @@ def test_mocov3_demo_beats_random_init_on_the_linear_probe(tmp_path):
     pre, rnd = res["pretrained"], res["random_init"]
     assert pre["linear"]["top1"] >= rnd["linear"]["top1"] + 15.0, res
     assert pre["linear"]["top1"] >= 75.0, res
+
+
+@pytest.mark.slow
+def test_densecl_demo_beats_random_init_on_the_segmentation_probe(tmp_path):
+    # the DenseCL demo recipe as `python densecl/train.py --config densecl/configs/demo.yaml` runs it
+    # (about 4 minutes on 2 cores). Measured on this machine (1 thread): segmentation probe on C4,
+    # mIoU 39.7 vs 29.6; kNN 64.3 vs 82.0 -- at this budget DenseCL does not beat random init on kNN
+    # (see densecl/README.md), so kNN is reported, not asserted.
+    r = run_cli(["densecl/train.py", "--config", str(ROOT / "densecl/configs/demo.yaml"),
+                 f"train.out_dir={tmp_path}", "train.tensorboard=false"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "eval.json").read_text())
+    pre, rnd = res["pretrained"], res["random_init"]
+    assert pre["seg"]["miou"] >= rnd["seg"]["miou"] + 5.0, res
+    assert "knn" in pre and "knn" in rnd, res
