@@ -279,7 +279,11 @@ def test_demo_recipe_runs_and_the_picture_is_written(tmp_path):
                  "train.tensorboard=false", f"train.out_dir={run}"])
     assert r.returncode == 0, r.stderr[-2000:]
     state = torch.load(run / "last.pt", weights_only=True)
-    assert state["step"] == 8 and "model.queue_dense" not in state and "queue_dense" in state["model"]
+    assert state["step"] == 8 and "queue_dense" in state["model"]
+    import torchvision     # the exported backbone is a torchvision ResNet-18 state dict (no fc)
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(
+        torch.load(run / "backbone.pt", weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     r = run_cli(["densecl/show_matches.py", str(run / "last.pt"), "--pairs", "2"])
     assert r.returncode == 0, r.stderr[-2000:]
     from PIL import Image

@@ -29,8 +29,8 @@ def test_mocov3_demo_beats_random_init_on_the_linear_probe(tmp_path):
     # the MoCo v3 demo recipe as `python mocov3/train.py --config mocov3/configs/demo.yaml` runs it
     # (about 5 minutes on 2 cores). Measured on this machine: linear 85.6 vs 56.8, but kNN 74.6 vs
     # 79.5 -- at this budget MoCo v3 does not beat random init on kNN (see mocov3/README.md), and at
-    # 12 epochs the linear margin shrinks to 12 points, so the full recipe is run.
-    r = run_cli(["mocov3/train.py", "--config", str(ROOT / "mocov3/configs/demo.yaml"),
+    # 12 epochs the linear margin shrinks to 12 points, so the full recipe is run (kNN skipped).
+    r = run_cli(["mocov3/train.py", "--config", str(ROOT / "mocov3/configs/demo.yaml"), "eval.after_train=[linear]",
                  f"train.out_dir={tmp_path}", "train.tensorboard=false"])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "eval.json").read_text())
@@ -41,14 +41,13 @@ def test_mocov3_demo_beats_random_init_on_the_linear_probe(tmp_path):
 
 @pytest.mark.slow
 def test_densecl_demo_beats_random_init_on_the_segmentation_probe(tmp_path):
-    # the DenseCL demo recipe as `python densecl/train.py --config densecl/configs/demo.yaml` runs it
-    # (about 4 minutes on 2 cores). Measured on this machine (1 thread): segmentation probe on C4,
-    # mIoU 39.7 vs 29.6; kNN 64.3 vs 82.0 -- at this budget DenseCL does not beat random init on kNN
-    # (see densecl/README.md), so kNN is reported, not asserted.
-    r = run_cli(["densecl/train.py", "--config", str(ROOT / "densecl/configs/demo.yaml"),
-                 f"train.out_dir={tmp_path}", "train.tensorboard=false"])
+    # the DenseCL demo recipe with 8 epochs instead of 12 and without kNN (about 3 minutes on 2 cores).
+    # Measured on this machine: segmentation probe on C4, mIoU 37.5 vs 29.6 (the full demo: 38.4 vs
+    # 29.6). kNN is not asserted: at this budget DenseCL does not beat random init on kNN (63.9 vs
+    # 82.0 for the full demo, 59.2 at 8 epochs; see densecl/README.md).
+    r = run_cli(["densecl/train.py", "--config", str(ROOT / "densecl/configs/demo.yaml"), "train.epochs=8",
+                 "eval.after_train=[seg]", f"train.out_dir={tmp_path}", "train.tensorboard=false"])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "eval.json").read_text())
     pre, rnd = res["pretrained"], res["random_init"]
     assert pre["seg"]["miou"] >= rnd["seg"]["miou"] + 5.0, res
-    assert "knn" in pre and "knn" in rnd, res

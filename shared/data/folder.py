@@ -33,9 +33,9 @@ class ImageFolder(Dataset):
     def __init__(self, root: str | Path, skip_bad_files: bool = False, key: str = "data.root",
                  labelled: bool = True):
         root = Path(root)
-        layout = "ImageNet layout" if labelled else "images (any sub-folders)"
+        layout = "a folder in ImageNet layout" if labelled else "a folder of images (any sub-folders)"
         if not str(root) or not root.exists():
-            raise DataError(f"dataset folder not found: '{root}' (set {key} to a folder of {layout})")
+            raise DataError(f"dataset folder not found: '{root}' (set {key} to {layout})")
         if not root.is_dir():
             raise DataError(f"dataset path is not a folder: '{root}' (from {key})")
         self.root = root
