@@ -100,8 +100,10 @@ class DenseCL(nn.Module):
             raise ConfigError(f"model.backbone.name: DenseCL takes a torchvision ResNet, got {cfg.backbone.name}")
         openselfsup_resnet_init(self.backbone, cfg.backbone.zero_init_residual)
         dense = cfg.neck == "densecl"
-        if not dense and (cfg.loss_lambda != 0 or cfg.lambda_warmup_steps):
+        if not dense and cfg.loss_lambda != 0:
             raise ConfigError(f"model.loss_lambda={cfg.loss_lambda}: the mocov2 neck has no dense branch; set it to 0")
+        if not dense and cfg.lambda_warmup_steps:
+            raise ConfigError("model.lambda_warmup_steps: the mocov2 neck has no dense loss to warm up; set it to 0")
         if not 0.0 <= cfg.loss_lambda <= 1.0:
             raise ConfigError(f"model.loss_lambda must be in [0, 1], got {cfg.loss_lambda}")
         if cfg.queue_len <= 0 or cfg.queue_len % global_batch:
