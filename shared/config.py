@@ -42,6 +42,9 @@ class SyntheticConfig:
     texture: float = 1.0          # strength of the background structure (0: one flat colour)
     palette: int = 0              # 0: any RGB colour; N: colours drawn from N fixed hues
     rotation: float = 180.0       # shapes are rotated by U(-rotation, rotation) degrees
+    placement: Tuple[float, float] = (1.0, 1.0)   # x, y spread of the labelled shape's centre: 1 anywhere, 0 centred
+    radius_range: Tuple[float, float] = (0.2, 0.36)   # labelled shape's radius, fraction of the image size
+    shading: float = 0.25         # strength of the linear brightness ramp across each shape (0: flat fill)
     seed: int = 0
     cache: bool = True            # render once into memory (workers share it copy-on-write)
 

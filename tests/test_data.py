@@ -50,6 +50,34 @@ def test_synthetic_annotations_are_consistent(size):
         assert (s.mask > 0).sum() == s.areas.sum()   # shapes never overlap
 
 
+def test_synthetic_placement_radius_and_shading_change_only_what_they_name():
+    easy = dict(image_size=40, max_objects=1, texture=0.0, palette=1, rotation=0.0)
+    for i in range(16):
+        base = render(i, **easy)
+        assert np.array_equal(base.image, render(i, **easy, placement=(1, 1), shading=0.25,
+                                                 radius_range=(0.2, 0.36)).image)   # the defaults
+        centred = render(i, **easy, placement=(0, 0))
+        row = render(i, **easy, placement=(1, 0))
+        fixed = render(i, **easy, radius_range=(0.3, 0.3))
+        flat = render(i, **easy, shading=0.0)
+        assert base.label == centred.label == row.label == fixed.label == flat.label   # the same draws
+        cx, cy = (centred.boxes[0, 0] + centred.boxes[0, 2]) / 2, (centred.boxes[0, 1] + centred.boxes[0, 3]) / 2
+        assert abs(cx - 20) <= 1.5 and abs(cy - 20) <= 1.5
+        assert abs((row.boxes[0, 1] + row.boxes[0, 3]) / 2 - 20) <= 1.5
+        assert np.abs(row.boxes[0, [0, 2]] - base.boxes[0, [0, 2]]).max() <= 1        # x is untouched
+        if base.label == 0:                                                            # circles: 2r wide
+            assert abs((fixed.boxes[0, 2] - fixed.boxes[0, 0]) - 0.6 * 40) <= 1.5
+        m = np.pad(flat.mask == flat.label + 1, 1)
+        core = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]   # the eroded shape
+        _, counts = np.unique(flat.image[core], axis=0, return_counts=True)
+        assert counts.max() >= 0.95 * core.sum()               # one flat colour (but at concave corners)
+        assert len(np.unique(base.image[core], axis=0)) > 5    # the default ramp
+    with pytest.raises(ValueError, match="radius_range"):
+        render(0, radius_range=(0.1, 0.3))
+    with pytest.raises(ValueError, match="placement"):
+        render(0, placement=(1.5, 0))
+
+
 def test_synthetic_labels_cover_all_classes():
     ds = SyntheticShapes(400, 32, num_classes=5, seed=0, cache=True)
     assert sorted(set(ds.targets)) == list(range(5)) and ds.classes == list(SHAPES[:5])

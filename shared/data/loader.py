@@ -107,7 +107,8 @@ def build_image_dataset(data: DataConfig, split: str) -> Dataset:
         s = data.synthetic
         return SyntheticShapes(s.length if split == "train" else s.val_length, s.image_size, s.num_classes,
                                s.max_objects, s.seed, split, cache=s.cache, texture=s.texture, palette=s.palette,
-                               rotation=s.rotation)
+                               rotation=s.rotation, placement=s.placement, shading=s.shading,
+                               radius_range=s.radius_range)
     sub = data.train_dir if split == "train" else data.val_dir
     if not data.root:
         raise DataError(f"data.source={data.source} needs data.root: the dataset folder holding "

@@ -113,9 +113,14 @@ def _place(rng: np.random.Generator, size: int, radius: float, taken: List[Tuple
 
 def render(index: int, *, image_size: int = 64, num_classes: int = len(SHAPES), max_objects: int = 3,
            seed: int = 0, split: str = "train", texture: float = 1.0, palette: int = 0,
-           rotation: float = 180.0) -> Sample:
+           rotation: float = 180.0, placement: Tuple[float, float] = (1.0, 1.0), shading: float = 0.25,
+           radius_range: Tuple[float, float] = (0.2, 0.36)) -> Sample:
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in 1..{len(SHAPES)}, got {num_classes}")
+    if not 0.14 <= radius_range[0] <= radius_range[1] <= 0.45:  # above the distractors' 0.08-0.14
+        raise ValueError(f"radius_range must satisfy 0.14 <= low <= high <= 0.45, got {list(radius_range)}")
+    if not all(0.0 <= p <= 1.0 for p in placement):
+        raise ValueError(f"placement must be two numbers in [0, 1], got {list(placement)}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
     size = image_size
     img = _background(rng, size, texture, palette)
@@ -125,13 +130,18 @@ def render(index: int, *, image_size: int = 64, num_classes: int = len(SHAPES), 
     boxes, areas, classes, polygons = [], [], [], []
     for k in range(n_objects):
         cls = int(rng.integers(num_classes))
-        radius = size * (rng.uniform(0.2, 0.36) if k == 0 else rng.uniform(0.08, 0.14))
+        r = rng.uniform(0.2, 0.36) if k == 0 else rng.uniform(0.08, 0.14)
+        if k == 0 and tuple(radius_range) != (0.2, 0.36):  # mapped, so that the other draws stay the same
+            r = radius_range[0] + (r - 0.2) / 0.16 * (radius_range[1] - radius_range[0])
+        radius = size * r
         where = _place(rng, size, radius, taken)
         if where is None:
             if k == 0:  # cannot happen for an empty canvas; keep the label shape centred anyway
                 where = (size / 2, size / 2)
             else:
                 continue
+        if k == 0 and tuple(placement) != (1.0, 1.0):  # pulled towards the centre; the draws stay the same
+            where = (size / 2 + placement[0] * (where[0] - size / 2), size / 2 + placement[1] * (where[1] - size / 2))
         taken.append((where[0], where[1], radius))
         angle = math.radians(rng.uniform(-rotation, rotation))
         rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -149,7 +159,7 @@ def render(index: int, *, image_size: int = 64, num_classes: int = len(SHAPES), 
             colour = _colour(rng, palette, "shape")
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
         g = rng.uniform(-1, 1, 2)
-        shade = 1 + 0.25 * ((xx - where[0]) * g[0] + (yy - where[1]) * g[1]) / radius
+        shade = 1 + shading * ((xx - where[0]) * g[0] + (yy - where[1]) * g[1]) / radius
         fill = colour * shade[..., None]
         img = img * (1 - alpha[..., None]) + fill * alpha[..., None]
         mask[inside] = cls + 1
@@ -169,12 +179,14 @@ class SyntheticShapes(Dataset):
 
     def __init__(self, length: int, image_size: int = 64, num_classes: int = len(SHAPES), max_objects: int = 3,
                  seed: int = 0, split: str = "train", cache: bool = False, texture: float = 1.0, palette: int = 0,
-                 rotation: float = 180.0):
+                 rotation: float = 180.0, placement: Tuple[float, float] = (1.0, 1.0), shading: float = 0.25,
+                 radius_range: Tuple[float, float] = (0.2, 0.36)):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}")
         self.length, self.split = int(length), split
         self.kw = dict(image_size=image_size, num_classes=num_classes, max_objects=max_objects, seed=seed, split=split,
-                       texture=texture, palette=palette, rotation=rotation)
+                       texture=texture, palette=palette, rotation=rotation, placement=tuple(placement), shading=shading,
+                       radius_range=tuple(radius_range))
         self.classes = list(SHAPES[:num_classes])
         self._images: Optional[np.ndarray] = None
         self._labels: Optional[np.ndarray] = None
