@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -103,6 +104,23 @@ def test_eval_command_on_a_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli(["-m", "shared.eval", str(run / "nothing.pt")])
     assert r.returncode == 2 and r.stderr.strip() == f"error: checkpoint not found: {run / 'nothing.pt'}"
+    r = run_cli(["-m", "shared.eval.nuisance", str(run / "last.pt"), "--directions", "2"])
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["backbone"] == "pretrained" and {"x_centre", "y_centre", "size", "class"} <= set(line)
+    r = run_cli(["-m", "shared.eval.nuisance", str(run / "backbone.pt")])
+    assert r.returncode == 2 and "not a training checkpoint of ours" in r.stderr
+
+
+def test_nuisance_fit_finds_what_the_features_encode():
+    from shared.eval.nuisance import r2_from_directions
+    g = np.random.default_rng(0)
+    pos, cls = g.uniform(0, 1, 500), g.integers(0, 4, 500)
+    noise = 0.01 * g.normal(size=(500, 16))
+    feats = noise + 5.0                              # a common offset: normalised away, then centred
+    feats[:, 0] += 2 * pos                           # the strongest direction encodes the position
+    res = r2_from_directions(feats, {"pos": pos, "class": np.eye(4)[cls]}, directions=1)
+    assert res["pos"] > 0.99 and res["class"] < 0.05 and res["variance_share"] > 0.9
 
 
 def test_probe_runs_in_fp32_by_default():
