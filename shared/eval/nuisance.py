@@ -13,7 +13,6 @@ import json
 from typing import Dict
 
 import numpy as np
-import torch
 
 from shared import checkpoint as ckpt
 from shared import dist
