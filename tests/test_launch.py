@@ -20,8 +20,9 @@ from shared.launch import LAUNCH_LOG, Trainer, dist_env_from_job, parse_launcher
 from conftest import ROOT, TINY, free_port, run_cli
 
 DEMO = "barlow/configs/demo.yaml"
-# 40 steps of 2 x 8 images, a checkpoint every 2 steps: long enough to interrupt mid-way
-RUN = [o for o in TINY if not o.startswith("train.epochs")] + ["train.epochs=10", "train.ckpt_every_steps=2"]
+# 24 steps of 2 x 8 images (about 0.9 s each here), a checkpoint every 2 steps: long enough to interrupt mid-way
+STEPS = 24
+RUN = [o for o in TINY if not o.startswith("train.epochs")] + [f"train.epochs={STEPS // 4}", "train.ckpt_every_steps=2"]
 INTERVAL = 2
 
 
@@ -146,7 +147,7 @@ def test_local_executor_run_matches_torchrun(local_run, tmp_path):
                  "barlow/train.py", "--config", DEMO, *RUN, f"train.out_dir={out}"], env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     ref, got = _train_losses(out), _train_losses(local_run)
-    assert sorted(got) == sorted(ref) == list(range(40))
+    assert sorted(got) == sorted(ref) == list(range(STEPS))
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-6), s
     a, b = _final_weights(out), _final_weights(local_run)
@@ -175,7 +176,7 @@ def test_preempted_local_job_requeues_and_resumes_from_its_last_checkpoint(local
             step = torch.load(out / "last.pt", weights_only=True)["step"]
         except (FileNotFoundError, RuntimeError, EOFError):
             pass
-    assert 6 <= step < 40, "the job must be interrupted mid-way for this test to mean anything"
+    assert 6 <= step < STEPS, "the job must be interrupted mid-way for this test to mean anything"
     for pid in _task_pids(job._process.pid):   # what Slurm does before a preemption or the time limit
         os.kill(pid, signal.SIGUSR2)
     job.results()
@@ -183,16 +184,16 @@ def test_preempted_local_job_requeues_and_resumes_from_its_last_checkpoint(local
     log = [json.loads(l) for l in (out / LAUNCH_LOG).read_text().splitlines()]
     assert [(r["attempt"], r["event"]) for r in log] == [(0, "start"), (0, "requeued (1 of at most 10)"), (1, "start")]
     assert log[0]["resume_from"] is None and log[2]["resume_from"] == str(out / "last.pt")
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 40
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == STEPS
 
     text = Path(job.paths.stdout).read_text()
     first, _, second = text.partition("resumed from")
-    resumed_at = int(re.search(r"at step (\d+)/40", second).group(1))
+    resumed_at = int(re.search(rf"at step (\d+)/{STEPS}", second).group(1))
     ran_before = max(int(s) for s in re.findall(r"\[train step (\d+)\]", first))
     assert step <= resumed_at and ran_before + 1 - resumed_at <= INTERVAL + 1, (resumed_at, ran_before)
 
     ref, got = _train_losses(local_run), _train_losses(out)
-    assert sorted(got) == list(range(40))
+    assert sorted(got) == list(range(STEPS))
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-6), s
     a, b = _final_weights(local_run), _final_weights(out)
