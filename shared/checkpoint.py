@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -17,15 +17,16 @@ BACKBONE = "backbone.pt"
 FORMAT = "ssl-reference/1"
 
 
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
-    point leaves either the old file or the new one, never a truncated one."""
+def save_atomic(obj: Any, path: str | Path, write: Callable[[Any, Any], Any] = torch.save) -> Path:
+    """`write(obj, file)` (default `torch.save`) to a temporary file in the same folder, fsync, then
+    rename over `path`: a crash at any point leaves either the old file or the new one, never a
+    truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Transfer to detection and segmentation: checkpoint converters (pure torch)."""

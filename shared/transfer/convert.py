@@ -1,0 +1,175 @@
+"""Backbone checkpoints -> detectron2 and mmsegmentation key names. Pure torch: neither library is
+imported, so this runs (and is tested) anywhere.
+
+    python -m shared.transfer.convert runs/densecl/demo/last.pt --to detectron2 --out r50.pkl
+    python -m shared.transfer.convert densecl_r50_imagenet_200ep.pth --to mmseg --out r50_mmseg.pth
+
+Inputs: our `last.pt` and `backbone.pt`, and the authors' released files, recognised by their layout:
+MoCo v1/v2 (`state_dict`, `module.encoder_q.*`), MoCo v3 (`state_dict`, `module.base_encoder.*`),
+DenseCL (`state_dict` with plain keys after `tools/extract_backbone_weights.py`, or `backbone.*` in a
+training checkpoint), Barlow Twins (`resnet50.pth`, plain torchvision keys), DeiT-style `{'model': ...}`.
+A classifier (`fc.*`, `head.*`) is dropped. Architectures: torchvision ResNets (both targets) and timm
+ViTs (mmseg only; detectron2 has no ViT backbone in its ResNet configs).
+
+Outputs:
+- detectron2: a pickle `{'model': {name: numpy array}, '__author__': ..., 'matching_heuristics': True}`
+  in detectron2's ResNet names (`stem.conv1(.norm)`, `res2`-`res5`, `convK.norm`, `shortcut(.norm)`);
+  load it with `MODEL.WEIGHTS r50.pkl`.
+- mmseg: `{'state_dict': ..., 'meta': ...}` via `torch.save`. ResNets keep torchvision's names, which are
+  those of mmseg's `ResNet` with the 7x7 stem (V1b; DenseCL's `ResNetNormal`), **not** `ResNetV1c`'s deep
+  stem. ViTs get mmseg `VisionTransformer` names (`layers.i.ln1`, fused `attn.attn.in_proj_weight`, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from shared import checkpoint as ckpt
+from shared.errors import UserError, cli_main
+
+# wrappers around the backbone's own keys, tried in this order (the first one present wins)
+PREFIXES = (
+    ("module.encoder_q.", "MoCo v1/v2 checkpoint"),
+    ("module.base_encoder.", "MoCo v3 checkpoint"),
+    ("backbone.", "training checkpoint with a .backbone (ours, DenseCL/OpenSelfSup)"),
+    ("module.", "DDP-wrapped state dict"),
+)
+CLASSIFIER = ("fc.", "head.")
+STAGES = {BasicBlock: {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)},                   # blocks per stage of torchvision's
+          Bottleneck: {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}}   # ResNets
+
+
+def read_backbone(path: str | Path) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The backbone state dict inside any supported checkpoint (classifier dropped), and what it was."""
+    raw = ckpt.load(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a dict of tensors, found {type(raw).__name__}")
+    if "format" in raw and "model" in raw:
+        sd, what = raw["model"], "our training checkpoint"
+    elif isinstance(raw.get("state_dict"), dict):
+        sd, what = raw["state_dict"], "'state_dict' checkpoint"
+    elif isinstance(raw.get("model"), dict):
+        sd, what = raw["model"], "'model' checkpoint"
+    else:
+        sd, what = raw, "plain state dict"
+    for prefix, name in PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            what = what if what == "our training checkpoint" else name
+            break
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.startswith(CLASSIFIER)}
+    if not sd:
+        raise UserError(f"{path}: no backbone tensors found ({what})")
+    return sd, what
+
+
+def architecture(sd: Dict[str, torch.Tensor]) -> str:
+    if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+        return "resnet"
+    if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
+        return "vit"
+    raise UserError("not a torchvision ResNet (conv1.weight, layer1.0.*) nor a timm ViT (patch_embed.proj.weight, "
+                    f"blocks.0.attn.qkv.*); its keys begin {sorted(sd)[:4]}")
+
+
+def check_resnet(sd: Dict[str, torch.Tensor], path: str | Path = "checkpoint") -> None:
+    """Every key of the torchvision ResNet these stages describe is present with its shape, and nothing else."""
+    depths = [1 + max((int(m.group(1)) for k in sd for m in [re.match(rf"layer{i}\.(\d+)\.", k)] if m), default=-1)
+              for i in range(1, 5)]
+    block = Bottleneck if "layer1.0.conv3.weight" in sd else BasicBlock
+    known = STAGES[block]
+    if tuple(depths) not in known.values():
+        raise UserError(f"{path}: truncated ResNet checkpoint or not a torchvision depth: blocks per stage {depths}; "
+                        + ", ".join(f"ResNet-{d} has {list(s)}" for d, s in known.items()))
+    kwargs = {"width_per_group": sd["layer1.0.conv1.weight"].shape[0]} if block is Bottleneck else {}
+    ref = {k: v.shape for k, v in ResNet(block, depths, **kwargs).state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(ref) - set(sd))
+    extra = sorted(set(sd) - set(ref))
+    if missing:
+        raise UserError(f"{path}: truncated ResNet checkpoint, {len(missing)} keys missing, e.g. {missing[:3]}")
+    if extra:
+        raise UserError(f"{path}: keys a torchvision ResNet does not have: {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    bad = [k for k in ref if tuple(sd[k].shape) != tuple(ref[k])]
+    if bad:
+        raise UserError(f"{path}: {bad[0]} has shape {tuple(sd[bad[0]].shape)}, a ResNet with these stages "
+                        f"expects {tuple(ref[bad[0]])}")
+
+
+def detectron2_key(k: str) -> str:
+    """torchvision ResNet name -> detectron2 ResNet name."""
+    if not k.startswith("layer"):
+        k = "stem." + k
+    k = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", k)
+    k = re.sub(r"(^|\.)bn(\d)\.", r"\1conv\2.norm.", k)
+    return k.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+
+
+def to_detectron2(sd: Dict[str, torch.Tensor], author: str) -> dict:
+    if architecture(sd) != "resnet":
+        raise UserError("detectron2 conversion takes a ResNet; ViTs go to mmseg (--to mmseg)")
+    check_resnet(sd)
+    model = {detectron2_key(k): v.detach().cpu().numpy() for k, v in sd.items()}
+    return {"model": model, "__author__": author, "matching_heuristics": True}
+
+
+VIT_RULES = (  # timm VisionTransformer -> mmseg VisionTransformer, applied in order
+    (r"^norm\.", "ln1."),
+    (r"^blocks\.", "layers."),
+    (r"\.norm(\d)\.", r".ln\1."),
+    (r"^patch_embed\.proj\.", "patch_embed.projection."),
+    (r"\.attn\.qkv\.(weight|bias)$", r".attn.attn.in_proj_\1"),
+    (r"\.attn\.proj\.", ".attn.attn.out_proj."),
+    (r"\.mlp\.fc1\.", ".ffn.layers.0.0."),
+    (r"\.mlp\.fc2\.", ".ffn.layers.1."),
+)
+VIT_KEEP = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|"
+                      r"blocks\.\d+\.(norm[12]|attn\.qkv|attn\.proj|mlp\.fc[12])\.(weight|bias))$")
+
+
+def mmseg_vit_key(k: str) -> str:
+    for pattern, repl in VIT_RULES:
+        k = re.sub(pattern, repl, k)
+    return k
+
+
+def to_mmseg(sd: Dict[str, torch.Tensor], author: str) -> dict:
+    arch = architecture(sd)
+    if arch == "resnet":
+        check_resnet(sd)
+        out = {k: v.detach().cpu().clone() for k, v in sd.items()}
+    else:
+        odd = sorted(k for k in sd if not VIT_KEEP.match(k))
+        if odd:
+            raise UserError(f"ViT keys mmseg's VisionTransformer has no place for: {odd[:3]} (a conv stem, "
+                            "register tokens or fc_norm are not supported)")
+        out = {mmseg_vit_key(k): v.detach().cpu().clone() for k, v in sd.items()}
+    return {"state_dict": out, "meta": {"author": author, "architecture": arch, "names": "mmseg"}}
+
+
+@cli_main
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--to", required=True, choices=["detectron2", "mmseg"])
+    p.add_argument("--out", required=True, help="output file (.pkl for detectron2, .pth for mmseg)")
+    a = p.parse_args(argv)
+    sd, what = read_backbone(a.checkpoint)
+    author = f"ssl-reference ({what})"
+    if a.to == "detectron2":
+        if not a.out.endswith(".pkl"):
+            raise UserError(f"--out {a.out}: detectron2 reads converted weights from a .pkl file")
+        path = ckpt.save_atomic(to_detectron2(sd, author), a.out, write=pickle.dump)
+    else:
+        path = ckpt.save_atomic(to_mmseg(sd, author), a.out)
+    n = len(sd)
+    print(f"{a.checkpoint} ({what}, {architecture(sd)}, {n} tensors) -> {path} [{a.to}]")
+
+
+if __name__ == "__main__":
+    main()

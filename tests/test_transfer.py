@@ -1,0 +1,138 @@
+"""Checkpoint converters to detectron2 and mmseg names (pure torch, always run): complete and exact
+key maps, the authors' checkpoint layouts, and one-line errors for what cannot be converted."""
+from __future__ import annotations
+
+import pickle
+import re
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from shared.errors import UserError
+from shared.transfer.convert import detectron2_key, read_backbone, to_detectron2, to_mmseg
+from shared.transfer.convert import main as convert_main
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def r50():
+    torch.manual_seed(0)
+    return {k: v for k, v in torchvision.models.resnet50().state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def r18():
+    torch.manual_seed(0)
+    return {k: v for k, v in torchvision.models.resnet18().state_dict().items()}
+
+
+def _official(sd, prefix, **extra):
+    return {"state_dict": {prefix + k: v for k, v in sd.items()}, **extra}
+
+
+def test_resnet50_to_detectron2_is_complete_and_exact(r50):
+    out = to_detectron2({k: v for k, v in r50.items() if not k.startswith("fc.")}, "test")
+    assert out["__author__"] == "test" and out["matching_heuristics"] is True
+    model = out["model"]
+    assert len(model) == 318 and all(re.match(r"^(stem|res[2-5])\.", k) for k in model)
+    # written out by hand from detectron2's ResNet (stem, bottleneck with shortcut, BN as convK.norm)
+    pairs = {"conv1.weight": "stem.conv1.weight", "bn1.running_var": "stem.conv1.norm.running_var",
+             "layer1.0.conv1.weight": "res2.0.conv1.weight", "layer1.0.bn3.bias": "res2.0.conv3.norm.bias",
+             "layer1.0.downsample.0.weight": "res2.0.shortcut.weight",
+             "layer1.0.downsample.1.running_mean": "res2.0.shortcut.norm.running_mean",
+             "layer4.2.bn2.num_batches_tracked": "res5.2.conv2.norm.num_batches_tracked",
+             "layer3.5.conv2.weight": "res4.5.conv2.weight"}
+    for tv, d2 in pairs.items():
+        assert detectron2_key(tv) == d2
+        assert model[d2].shape == tuple(r50[tv].shape) and (torch.from_numpy(model[d2]) == r50[tv]).all()
+    assert sum(k.endswith("shortcut.weight") for k in model) == 4
+    for k, v in r50.items():                                           # bit-identical, every entry
+        if not k.startswith("fc."):
+            assert torch.equal(torch.from_numpy(model[detectron2_key(k)]), v), k
+
+
+@pytest.mark.parametrize("layout", ["ours", "ours_backbone_pt", "mocov2", "mocov3", "densecl_extracted",
+                                    "densecl_training", "barlow", "deit_model"])
+def test_checkpoint_layouts_are_recognised(r18, layout, tmp_path):
+    noise = {"fc.0.weight": torch.zeros(512, 512), "fc.2.weight": torch.zeros(128, 512)}
+    files = {
+        "ours": {"format": "ssl-reference/1", "step": 3, "config": {},
+                 "model": {**{"backbone." + k: v for k, v in r18.items() if not k.startswith("fc.")},
+                           "momentum_backbone.conv1.weight": torch.zeros(1), "projector.0.weight": torch.zeros(1)}},
+        "ours_backbone_pt": {k: v for k, v in r18.items() if not k.startswith("fc.")},
+        "mocov2": {**_official({**r18, **noise}, "module.encoder_q."), "arch": "resnet50", "epoch": 200,
+                   "optimizer": {"state": {}, "param_groups": []}},
+        "mocov3": {"state_dict": {**{"module.base_encoder." + k: v for k, v in r18.items()},
+                                  **{"module.momentum_encoder." + k: -v for k, v in r18.items()},
+                                  "module.predictor.0.weight": torch.zeros(1)}, "epoch": 100},
+        "densecl_extracted": {"state_dict": {k: v for k, v in r18.items() if not k.startswith("fc.")},
+                              "author": "DenseCL"},
+        "densecl_training": {"state_dict": {**{"backbone." + k: v for k, v in r18.items() if not k.startswith("fc.")},
+                                            **{"encoder_q.0." + k: -v for k, v in r18.items()},
+                                            "neck.mlp.0.weight": torch.zeros(1), "queue": torch.zeros(128, 4)}},
+        "barlow": {k: v for k, v in r18.items() if not k.startswith("fc.")},
+        "deit_model": {"model": dict(r18)},
+    }
+    path = tmp_path / "in.pth"
+    torch.save(files[layout], path)
+    sd, what = read_backbone(path)
+    assert set(sd) == {k for k in r18 if not k.startswith("fc.")}, what
+    assert all(torch.equal(sd[k], r18[k]) for k in sd)                 # the online encoder, not the momentum one
+    assert (what == "our training checkpoint") == (layout == "ours")
+
+
+def test_mmseg_resnet_keeps_torchvision_names_and_vit_gets_mmseg_names(r50):
+    sd = {k: v for k, v in r50.items() if not k.startswith("fc.")}
+    out = to_mmseg(sd, "test")["state_dict"]
+    assert out.keys() == sd.keys() and all(torch.equal(out[k], sd[k]) for k in sd)   # mmseg ResNet (V1b) names
+    vit = timm.create_model("vit_small_patch16_224", num_classes=0, img_size=32).state_dict()
+    out = to_mmseg(vit, "test")["state_dict"]
+    assert len(out) == len(vit) == 150
+    expect = {"cls_token": "cls_token", "pos_embed": "pos_embed",
+              "patch_embed.proj.weight": "patch_embed.projection.weight", "norm.bias": "ln1.bias",
+              "blocks.3.norm1.weight": "layers.3.ln1.weight", "blocks.3.norm2.bias": "layers.3.ln2.bias",
+              "blocks.3.attn.qkv.weight": "layers.3.attn.attn.in_proj_weight",
+              "blocks.3.attn.qkv.bias": "layers.3.attn.attn.in_proj_bias",
+              "blocks.3.attn.proj.weight": "layers.3.attn.attn.out_proj.weight",
+              "blocks.11.mlp.fc1.weight": "layers.11.ffn.layers.0.0.weight",
+              "blocks.11.mlp.fc2.bias": "layers.11.ffn.layers.1.bias"}
+    for k, m in expect.items():
+        assert torch.equal(out[m], vit[k]), (k, m)
+    assert out["layers.3.attn.attn.in_proj_weight"].shape == (3 * 384, 384)        # q, k, v stay fused
+
+
+def test_what_cannot_be_converted_fails_with_one_clear_line(r50, r18, tmp_path, capsys):
+    sd = {k: v for k, v in r50.items() if not k.startswith("fc.")}
+    truncated = {k: v for k, v in sd.items() if not k.startswith("layer4.2.")}
+    with pytest.raises(UserError, match=r"truncated ResNet checkpoint or not a torchvision depth: blocks per stage "
+                                        r"\[3, 4, 6, 2\]; .*ResNet-50 has \[3, 4, 6, 3\]"):
+        to_detectron2(truncated, "t")
+    with pytest.raises(UserError, match=r"truncated ResNet checkpoint, 5 keys missing"):
+        to_detectron2({k: v for k, v in sd.items() if not k.startswith("layer4.2.bn3.")}, "t")
+    wrong = dict(sd, **{"layer2.0.conv2.weight": torch.zeros(128, 128, 1, 1)})
+    with pytest.raises(UserError, match=r"layer2.0.conv2.weight has shape \(128, 128, 1, 1\)"):
+        to_mmseg(wrong, "t")
+    vit = timm.create_model("vit_small_patch16_224", num_classes=0, img_size=32).state_dict()
+    with pytest.raises(UserError, match="detectron2 conversion takes a ResNet"):
+        to_detectron2(vit, "t")
+    with pytest.raises(UserError, match="not a torchvision ResNet"):
+        to_mmseg({"features.0.weight": torch.zeros(1)}, "t")
+
+    ok, bad = tmp_path / "r18.pth", tmp_path / "bad.pth"
+    torch.save(_official(r18, "module.encoder_q."), ok)
+    torch.save({"state_dict": {"features.0.weight": torch.zeros(1)}}, bad)
+    convert_main([str(ok), "--to", "detectron2", "--out", str(tmp_path / "r18.pkl")])
+    assert "MoCo v1/v2 checkpoint" in capsys.readouterr().out
+    with open(tmp_path / "r18.pkl", "rb") as f:
+        assert len(pickle.load(f)["model"]) == 120
+    convert_main([str(ok), "--to", "mmseg", "--out", str(tmp_path / "r18_mmseg.pth")])
+    assert len(torch.load(tmp_path / "r18_mmseg.pth", weights_only=True)["state_dict"]) == 120
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(ok), "--to", "detectron2", "--out", str(tmp_path / "r18.pth")])
+    assert e.value.code == 2 and "detectron2 reads converted weights from a .pkl file" in capsys.readouterr().err
+    r = run_cli(["-m", "shared.transfer.convert", str(bad), "--to", "mmseg", "--out", str(tmp_path / "x.pth")])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a torchvision ResNet" in r.stderr
+    assert not (tmp_path / "x.pth").exists()
