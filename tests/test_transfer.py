@@ -136,3 +136,26 @@ def test_what_cannot_be_converted_fails_with_one_clear_line(r50, r18, tmp_path, 
     r = run_cli(["-m", "shared.transfer.convert", str(bad), "--to", "mmseg", "--out", str(tmp_path / "x.pth")])
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a torchvision ResNet" in r.stderr
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_detectron2_loads_every_backbone_weight(r50, tmp_path):
+    """Integration: needs detectron2 (built from source outside the repo; see shared/transfer/README.md)."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (no wheel exists; build it from source)")
+    from detectron2 import model_zoo
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    sd = {k: v for k, v in r50.items() if not k.startswith("fc.")}
+    path = tmp_path / "r50.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(to_detectron2(sd, "test"), f)
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml"))
+    cfg.MODEL.DEVICE, cfg.MODEL.RESNETS.STRIDE_IN_1X1, cfg.MODEL.RESNETS.NORM = "cpu", False, "BN"
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(str(path))
+    loaded = {**model.backbone.state_dict(), **{f"res5.{k}": v for k, v in model.roi_heads.res5.state_dict().items()}}
+    assert len(loaded) == len(sd) == 318
+    for k, v in sd.items():
+        assert torch.equal(loaded[detectron2_key(k)], v), k
