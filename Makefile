@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test transfer-env clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,29 @@ test: $(STAMP)
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
+
+# A separate environment for transfer to detection and segmentation (shared/transfer/README.md):
+# torch 2.8, the last torch that mmcv (the maintained onedl fork) compiles against, with mmengine,
+# mmsegmentation and detectron2 built from source, and this package. onedl-mmcv compiles its CPU ops
+# (about 8 minutes on 2 cores). DETECTRON2_SRC: a detectron2 source folder or pip URL.
+TVENV  ?= .venv-transfer
+TPY    := $(TVENV)/bin/python
+TSTAMP := $(TVENV)/.installed
+DETECTRON2_COMMIT := 02b5c4e295e990042a714712c21dc79b731e8833
+DETECTRON2_SRC ?= git+https://github.com/facebookresearch/detectron2.git@$(DETECTRON2_COMMIT)
+TPIP   := $(TPY) -m pip install --quiet --disable-pip-version-check
+
+$(TSTAMP): pyproject.toml
+	@test -x $(TPY) || $(PYTHON) -m venv $(TVENV)
+	$(TPIP) "torch==2.8.*" "torchvision==0.23.*" "setuptools>=77,<81" wheel ninja
+	$(TPIP) --no-build-isolation "onedl-mmcv==2.3.6" "onedl-mmengine==0.10.12" "onedl-mmsegmentation==1.4.2"
+	$(TPIP) yacs "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" hydra-core pycocotools tabulate termcolor \
+		cloudpickle omegaconf
+	$(TPIP) --no-build-isolation --no-deps "$(DETECTRON2_SRC)"
+	$(TPIP) -e '.[test]'
+	@touch $(TSTAMP)
+
+transfer-env: $(TSTAMP)
 
 clean:
 	rm -rf runs .pytest_cache
