@@ -89,7 +89,7 @@ def test_linear_probe_runs_and_detects_a_changed_backbone(tmp_path, cached):
 
 
 @pytest.mark.slow
-def test_eval_command_on_a_checkpoint(tmp_path):
+def test_eval_command_on_a_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     r = run_cli(["barlow/train.py", "--config", "barlow/configs/demo.yaml", *TINY, f"train.out_dir={run}"])
     assert r.returncode == 0, r.stderr
@@ -104,12 +104,14 @@ def test_eval_command_on_a_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli(["-m", "shared.eval", str(run / "nothing.pt")])
     assert r.returncode == 2 and r.stderr.strip() == f"error: checkpoint not found: {run / 'nothing.pt'}"
-    r = run_cli(["-m", "shared.eval.nuisance", str(run / "last.pt"), "--directions", "2"])
-    assert r.returncode == 0, r.stderr
-    line = json.loads(r.stdout.strip().splitlines()[-1])
+    from shared.eval.nuisance import main as nuisance
+    capsys.readouterr()
+    nuisance([str(run / "last.pt"), "--directions", "2", "data.workers=0"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["backbone"] == "pretrained" and {"x_centre", "y_centre", "size", "class"} <= set(line)
-    r = run_cli(["-m", "shared.eval.nuisance", str(run / "backbone.pt")])
-    assert r.returncode == 2 and "not a training checkpoint of ours" in r.stderr
+    with pytest.raises(SystemExit):
+        nuisance([str(run / "backbone.pt")])
+    assert "not a training checkpoint of ours" in capsys.readouterr().err
 
 
 def test_nuisance_fit_finds_what_the_features_encode():
