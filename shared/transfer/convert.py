@@ -69,35 +69,35 @@ def read_backbone(path: str | Path) -> Tuple[Dict[str, torch.Tensor], str]:
     return sd, what
 
 
-def architecture(sd: Dict[str, torch.Tensor]) -> str:
+def architecture(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint") -> str:
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
         return "resnet"
     if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
         return "vit"
-    raise UserError("not a torchvision ResNet (conv1.weight, layer1.0.*) nor a timm ViT (patch_embed.proj.weight, "
+    raise UserError(f"{source}: not a torchvision ResNet (conv1.weight, layer1.0.*) nor a timm ViT (patch_embed.proj.weight, "
                     f"blocks.0.attn.qkv.*); its keys begin {sorted(sd)[:4]}")
 
 
-def check_resnet(sd: Dict[str, torch.Tensor], path: str | Path = "checkpoint") -> None:
+def check_resnet(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
     """Every key of the torchvision ResNet these stages describe is present with its shape, and nothing else."""
     depths = [1 + max((int(m.group(1)) for k in sd for m in [re.match(rf"layer{i}\.(\d+)\.", k)] if m), default=-1)
               for i in range(1, 5)]
     block = Bottleneck if "layer1.0.conv3.weight" in sd else BasicBlock
     known = STAGES[block]
     if tuple(depths) not in known.values():
-        raise UserError(f"{path}: truncated ResNet checkpoint or not a torchvision depth: blocks per stage {depths}; "
+        raise UserError(f"{source}: truncated ResNet checkpoint or not a torchvision depth: blocks per stage {depths}; "
                         + ", ".join(f"ResNet-{d} has {list(s)}" for d, s in known.items()))
     kwargs = {"width_per_group": sd["layer1.0.conv1.weight"].shape[0]} if block is Bottleneck else {}
     ref = {k: v.shape for k, v in ResNet(block, depths, **kwargs).state_dict().items() if not k.startswith("fc.")}
     missing = sorted(set(ref) - set(sd))
     extra = sorted(set(sd) - set(ref))
     if missing:
-        raise UserError(f"{path}: truncated ResNet checkpoint, {len(missing)} keys missing, e.g. {missing[:3]}")
+        raise UserError(f"{source}: truncated ResNet checkpoint, {len(missing)} keys missing, e.g. {missing[:3]}")
     if extra:
-        raise UserError(f"{path}: keys a torchvision ResNet does not have: {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+        raise UserError(f"{source}: keys a torchvision ResNet does not have: {extra[:3]}{' ...' if len(extra) > 3 else ''}")
     bad = [k for k in ref if tuple(sd[k].shape) != tuple(ref[k])]
     if bad:
-        raise UserError(f"{path}: {bad[0]} has shape {tuple(sd[bad[0]].shape)}, a ResNet with these stages "
+        raise UserError(f"{source}: {bad[0]} has shape {tuple(sd[bad[0]].shape)}, a ResNet with these stages "
                         f"expects {tuple(ref[bad[0]])}")
 
 
@@ -110,10 +110,10 @@ def detectron2_key(k: str) -> str:
     return k.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
 
 
-def to_detectron2(sd: Dict[str, torch.Tensor], author: str) -> dict:
-    if architecture(sd) != "resnet":
-        raise UserError("detectron2 conversion takes a ResNet; ViTs go to mmseg (--to mmseg)")
-    check_resnet(sd)
+def to_detectron2(sd: Dict[str, torch.Tensor], author: str, source: str | Path = "checkpoint") -> dict:
+    if architecture(sd, source) != "resnet":
+        raise UserError(f"{source}: detectron2 conversion takes a ResNet; ViTs go to mmseg (--to mmseg)")
+    check_resnet(sd, source)
     model = {detectron2_key(k): v.detach().cpu().numpy() for k, v in sd.items()}
     return {"model": model, "__author__": author, "matching_heuristics": True}
 
@@ -138,15 +138,15 @@ def mmseg_vit_key(k: str) -> str:
     return k
 
 
-def to_mmseg(sd: Dict[str, torch.Tensor], author: str) -> dict:
-    arch = architecture(sd)
+def to_mmseg(sd: Dict[str, torch.Tensor], author: str, source: str | Path = "checkpoint") -> dict:
+    arch = architecture(sd, source)
     if arch == "resnet":
-        check_resnet(sd)
+        check_resnet(sd, source)
         out = {k: v.detach().cpu().clone() for k, v in sd.items()}
     else:
         odd = sorted(k for k in sd if not VIT_KEEP.match(k))
         if odd:
-            raise UserError(f"ViT keys mmseg's VisionTransformer has no place for: {odd[:3]} (a conv stem, "
+            raise UserError(f"{source}: ViT keys mmseg's VisionTransformer has no place for: {odd[:3]} (a conv stem, "
                             "register tokens or fc_norm are not supported)")
         out = {mmseg_vit_key(k): v.detach().cpu().clone() for k, v in sd.items()}
     return {"state_dict": out, "meta": {"author": author, "architecture": arch, "names": "mmseg"}}
@@ -159,16 +159,16 @@ def main(argv=None) -> None:
     p.add_argument("--to", required=True, choices=["detectron2", "mmseg"])
     p.add_argument("--out", required=True, help="output file (.pkl for detectron2, .pth for mmseg)")
     a = p.parse_args(argv)
+    if a.to == "detectron2" and not a.out.endswith(".pkl"):
+        raise UserError(f"--out {a.out}: detectron2 reads converted weights from a .pkl file")
     sd, what = read_backbone(a.checkpoint)
     author = f"ssl-reference ({what})"
     if a.to == "detectron2":
-        if not a.out.endswith(".pkl"):
-            raise UserError(f"--out {a.out}: detectron2 reads converted weights from a .pkl file")
-        path = ckpt.save_atomic(to_detectron2(sd, author), a.out, write=pickle.dump)
+        path = ckpt.save_atomic(to_detectron2(sd, author, a.checkpoint), a.out, write=pickle.dump)
     else:
-        path = ckpt.save_atomic(to_mmseg(sd, author), a.out)
+        path = ckpt.save_atomic(to_mmseg(sd, author, a.checkpoint), a.out)
     n = len(sd)
-    print(f"{a.checkpoint} ({what}, {architecture(sd)}, {n} tensors) -> {path} [{a.to}]")
+    print(f"{a.checkpoint} ({what}, {architecture(sd, a.checkpoint)}, {n} tensors) -> {path} [{a.to}]")
 
 
 if __name__ == "__main__":
