@@ -216,7 +216,7 @@ def test_mmseg_vit_loads_every_weight(mmseg_models, tmp_path):
     path = tmp_path / "vit_mmseg.pth"
     torch.save(to_mmseg(vit, "test"), path)
     model = mmseg_models.build(dict(type="VisionTransformer", img_size=(32, 32), patch_size=16, embed_dims=384,
-                                    num_layers=12, num_heads=6, final_norm=True, with_cls_token=True,
+                                    num_layers=12, num_heads=6, final_norm=True, with_cls_token=True, patch_bias=True,
                                     init_cfg=dict(type="Pretrained", checkpoint=str(path))))
     model.init_weights()
     got, want = model.state_dict(), to_mmseg(vit, "test")["state_dict"]
