@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from shared.config import DataConfig, ViewConfig
+from shared.config import DataConfig, SyntheticConfig, ViewConfig
 from shared.data.augment import MultiView, RandomGaussianBlur, RandomSolarize, build_view
 from shared.data.folder import ImageFolder
 from shared.data.loader import GlobalBatchSampler, SeededDataset, build_image_dataset
@@ -76,6 +76,8 @@ def test_synthetic_placement_radius_and_shading_change_only_what_they_name():
         render(0, radius_range=(0.1, 0.3))
     with pytest.raises(ValueError, match="placement"):
         render(0, placement=(1.5, 0))
+    with pytest.raises(ConfigError, match=r"^data\.synthetic\.radius_range must satisfy"):
+        build_image_dataset(DataConfig(synthetic=SyntheticConfig(length=4, val_length=4, radius_range=(0.5, 0.6))), "val")
 
 
 def test_synthetic_labels_cover_all_classes():

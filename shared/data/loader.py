@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from shared.config import DataConfig
 from shared.data.folder import ImageFolder
 from shared.data.synthetic import SyntheticShapes
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 
 _MASK64 = (1 << 64) - 1
 _PERMUTATION = _MASK64  # the "index" whose seed draws an epoch's permutation
@@ -105,10 +105,13 @@ def build_image_dataset(data: DataConfig, split: str) -> Dataset:
     """The configured image source for `split` ('train' or 'val'), yielding (PIL image, label)."""
     if data.source == "synthetic":
         s = data.synthetic
-        return SyntheticShapes(s.length if split == "train" else s.val_length, s.image_size, s.num_classes,
-                               s.max_objects, s.seed, split, cache=s.cache, texture=s.texture, palette=s.palette,
-                               rotation=s.rotation, placement=s.placement, shading=s.shading,
-                               radius_range=s.radius_range)
+        try:
+            return SyntheticShapes(s.length if split == "train" else s.val_length, s.image_size, s.num_classes,
+                                   s.max_objects, s.seed, split, cache=s.cache, texture=s.texture, palette=s.palette,
+                                   rotation=s.rotation, placement=s.placement, shading=s.shading,
+                                   radius_range=s.radius_range)
+        except ValueError as exc:  # an out-of-range setting, e.g. num_classes or radius_range
+            raise ConfigError(f"data.synthetic.{exc}") from None
     sub = data.train_dir if split == "train" else data.val_dir
     if not data.root:
         raise DataError(f"data.source={data.source} needs data.root: the dataset folder holding "
