@@ -17,8 +17,8 @@ BACKBONE = "backbone.pt"
 FORMAT = "ssl-reference/1"
 
 
-def save_atomic(obj: Any, path: str | Path, write: Callable[[Any, Any], Any] = torch.save) -> Path:
-    """`write(obj, file)` (default `torch.save`) to a temporary file in the same folder, fsync, then
+def save_atomic(obj: Any, path: str | Path, write: Optional[Callable[[Any, Any], Any]] = None) -> Path:
+    """`write(obj, file)` (default `torch.save`, looked up at call time) to a temporary file in the same folder, fsync, then
     rename over `path`: a crash at any point leaves either the old file or the new one, never a
     truncated one."""
     path = Path(path)
@@ -26,7 +26,7 @@ def save_atomic(obj: Any, path: str | Path, write: Callable[[Any, Any], Any] = t
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
