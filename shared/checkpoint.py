@@ -18,9 +18,9 @@ FORMAT = "ssl-reference/1"
 
 
 def save_atomic(obj: Any, path: str | Path, write: Optional[Callable[[Any, Any], Any]] = None) -> Path:
-    """`write(obj, file)` (default `torch.save`, looked up at call time) to a temporary file in the same folder, fsync, then
-    rename over `path`: a crash at any point leaves either the old file or the new one, never a
-    truncated one."""
+    """`write(obj, file)` (default `torch.save`, looked up at call time) to a temporary file in the
+    same folder, fsync, then rename over `path`: a crash at any point leaves either the old file or
+    the new one, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
