@@ -134,7 +134,9 @@ def test_what_cannot_be_converted_fails_with_one_clear_line(r50, r18, tmp_path, 
         convert_main([str(ok), "--to", "detectron2", "--out", str(tmp_path / "r18.pth")])
     assert e.value.code == 2 and "detectron2 reads converted weights from a .pkl file" in capsys.readouterr().err
     r = run_cli(["-m", "shared.transfer.convert", str(bad), "--to", "mmseg", "--out", str(tmp_path / "x.pth")])
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {bad}: not a torchvision ResNet (conv1.weight, layer1.0.*) nor a timm ViT (patch_embed.proj.weight, blocks.0.attn.qkv.*); its keys begin ['features.0.weight']"]
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {bad}: not a torchvision ResNet (conv1.weight, layer1.0.*) nor a timm ViT (patch_embed.proj.weight, "
+        "blocks.0.attn.qkv.*); its keys begin ['features.0.weight']"]
     assert not (tmp_path / "x.pth").exists()
 
 

@@ -74,8 +74,8 @@ def architecture(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint")
         return "resnet"
     if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
         return "vit"
-    raise UserError(f"{source}: not a torchvision ResNet (conv1.weight, layer1.0.*) nor a timm ViT (patch_embed.proj.weight, "
-                    f"blocks.0.attn.qkv.*); its keys begin {sorted(sd)[:4]}")
+    raise UserError(f"{source}: not a torchvision ResNet (conv1.weight, layer1.0.*) nor a timm ViT "
+                    f"(patch_embed.proj.weight, blocks.0.attn.qkv.*); its keys begin {sorted(sd)[:4]}")
 
 
 def check_resnet(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
@@ -94,7 +94,8 @@ def check_resnet(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint")
     if missing:
         raise UserError(f"{source}: truncated ResNet checkpoint, {len(missing)} keys missing, e.g. {missing[:3]}")
     if extra:
-        raise UserError(f"{source}: keys a torchvision ResNet does not have: {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+        more = " ..." if len(extra) > 3 else ""
+        raise UserError(f"{source}: keys a torchvision ResNet does not have: {extra[:3]}{more}")
     bad = [k for k in ref if tuple(sd[k].shape) != tuple(ref[k])]
     if bad:
         raise UserError(f"{source}: {bad[0]} has shape {tuple(sd[bad[0]].shape)}, a ResNet with these stages "
