@@ -57,6 +57,16 @@ TINY = [
 ]
 
 
+def import_or_skip(module: str, reason: str):
+    """`pytest.importorskip`, except where the environment variable REQUIRE_TRANSFER_STACK names the
+    module (comma-separated): there a failed import fails the test. `make transfer-test` sets it, so
+    a broken transfer environment cannot pass as skipped tests."""
+    required = {m.strip() for m in os.environ.get("REQUIRE_TRANSFER_STACK", "").split(",") if m.strip()}
+    if module.split(".")[0] in required:
+        return __import__(module)
+    return pytest.importorskip(module, reason=reason)
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path) -> List[str]:
     return TINY + [f"train.out_dir={tmp_path / 'run'}"]

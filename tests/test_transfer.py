@@ -14,7 +14,7 @@ from shared.errors import UserError
 from shared.transfer.convert import detectron2_key, read_backbone, to_detectron2, to_mmseg
 from shared.transfer.convert import main as convert_main
 
-from conftest import run_cli
+from conftest import import_or_skip, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_what_cannot_be_converted_fails_with_one_clear_line(r50, r18, tmp_path, 
 
 def test_detectron2_loads_every_backbone_weight(r50, tmp_path):
     """Integration: needs detectron2 (built from source outside the repo; see shared/transfer/README.md)."""
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (no wheel exists; build it from source)")
+    import_or_skip("detectron2", reason="detectron2 is not installed (no wheel exists; build it from source)")
     from detectron2 import model_zoo
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
@@ -166,7 +166,7 @@ def test_detectron2_loads_every_backbone_weight(r50, tmp_path):
 @pytest.fixture(scope="module")
 def mmseg_models():
     """Integration: needs mmsegmentation (the transfer environment, `make transfer-env`)."""
-    pytest.importorskip("mmseg", reason="mmsegmentation is not installed (make transfer-env builds it)")
+    import_or_skip("mmseg", reason="mmsegmentation is not installed (make transfer-env builds it)")
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
     register_all_modules()
