@@ -128,6 +128,14 @@ def test_export_voc(tmp_path):
     assert Image.open(tmp_path / "JPEGImages" / f"{names[0]}.jpg").size == (32, 32)
 
 
+def test_export_in_the_demos_easy_setting(tmp_path):
+    easy = dict(texture=0.0, palette=1, rotation=0.0)
+    export(tmp_path, "coco", length=3, val_length=1, image_size=32, **easy)
+    ref = SyntheticShapes(3, 32, **easy).sample(1)
+    assert not np.array_equal(ref.image, SyntheticShapes(3, 32).sample(1).image)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "train" / "train_000001.png")), ref.image)
+
+
 # ---------------------------------------------------------------------------------- ImageFolder
 def _folder(tmp_path, n=3):
     for cls in ("a", "b"):

@@ -229,14 +229,17 @@ def voc_palette() -> List[int]:
 
 
 def export(out: str | Path, fmt: str, *, length: int, val_length: int, image_size: int = 64,
-           num_classes: int = len(SHAPES), max_objects: int = 3, seed: int = 0) -> Path:
-    """Write both splits in one layout: `imagefolder`, `coco` or `voc`. Returns the output folder."""
+           num_classes: int = len(SHAPES), max_objects: int = 3, seed: int = 0, texture: float = 1.0,
+           palette: int = 0, rotation: float = 180.0) -> Path:
+    """Write both splits in one layout: `imagefolder`, `coco` or `voc`. Returns the output folder.
+    `texture`, `palette` and `rotation` are those of `render` (the demos' easy setting: 0, 1, 0)."""
     out = Path(out)
     classes = list(SHAPES[:num_classes])
     coco = {}
     voc_lists = {}
     for split, n in (("train", length), ("val", val_length)):
-        ds = SyntheticShapes(n, image_size, num_classes, max_objects, seed, split)
+        ds = SyntheticShapes(n, image_size, num_classes, max_objects, seed, split, texture=texture, palette=palette,
+                             rotation=rotation)
         images, annotations, names = [], [], []
         for i in range(n):
             s = ds.sample(i)
@@ -304,9 +307,13 @@ def main(argv=None) -> None:
     p.add_argument("--num-classes", type=int, default=len(SHAPES))
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--texture", type=float, default=1.0, help="background texture strength (0: flat)")
+    p.add_argument("--palette", type=int, default=0, help="0: random colours; 1: one background and one shape colour")
+    p.add_argument("--rotation", type=float, default=180.0, help="shapes rotated by up to this many degrees")
     a = p.parse_args(argv)
     out = export(a.out, a.format, length=a.length, val_length=a.val_length, image_size=a.image_size,
-                 num_classes=a.num_classes, max_objects=a.max_objects, seed=a.seed)
+                 num_classes=a.num_classes, max_objects=a.max_objects, seed=a.seed, texture=a.texture,
+                 palette=a.palette, rotation=a.rotation)
     print(f"wrote {a.format} layout to {out}")
 
 
