@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test transfer-env transfer-test clean
+.PHONY: install demo test transfer-env transfer-test transfer-demo clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ TRANSFER_TESTS := tests/test_transfer.py $(wildcard tests/test_transfer_*.py)
 transfer-test: $(TSTAMP)
 	@d2="$$(cat $(TSTAMP))"; set -x; \
 	REQUIRE_TRANSFER_STACK=mmseg,mmcv,mmengine$${d2:+,detectron2} $(TPY) -m pytest -q $(TRANSFER_TESTS)
+
+# End to end on the built-in dataset, on CPU: export it as COCO and VOC, pretrain a ResNet-18 (Barlow
+# Twins demo), convert it, fine-tune a detectron2 detector and an mmseg FCN from it and from random
+# init, print AP and mIoU (shared/transfer/demo.py).
+transfer-demo: $(TSTAMP)
+	$(TPY) -m shared.transfer.demo --out runs/transfer-demo
 
 clean:
 	rm -rf runs .pytest_cache

@@ -4,6 +4,11 @@
         -- --config barlow/configs/in1k_1000ep.yaml data.root=/datasets/imagenet
     python -m shared.launch barlow/train.py --local --tasks-per-node 2 -- --config barlow/configs/demo.yaml
 
+The transfer entries run the same way (shared/transfer/README.md):
+
+    python -m shared.launch shared/transfer/detection.py --nodes 1 --gpus-per-node 8 --partition P \\
+        -- --config shared/transfer/configs/detectron2/voc0712_r50_c4_24k.yaml --weights r50.pkl --out-dir runs/voc
+
 Everything after `--` is the training command line, unchanged. The config is resolved here, before
 anything is submitted (unknown keys, missing files and a global batch that the world size does not
 divide fail at once), and the job gets an absolute `train.out_dir`, so every attempt of the job
@@ -59,11 +64,12 @@ def dist_env_from_job(job_env: Any) -> DistEnv:
 class Trainer:
     """The submitted callable: runs `script` with `args` in every task; picklable, and requeued
     as a copy of itself with `attempt + 1`."""
-    script: str                 # absolute path of <paper>/train.py
+    script: str                 # absolute path of <paper>/train.py (or of a transfer entry)
     args: List[str]             # its command line
     out_dir: str                # absolute train.out_dir, shared by every attempt
     max_requeues: int
     attempt: int = 0            # 0 for the first run, k after k requeues
+    done_file: str = DONE       # written into out_dir when the run has finished
 
     def __call__(self) -> None:
         import submitit
@@ -88,7 +94,7 @@ class Trainer:
         from submitit import JobEnvironment
         from submitit.helpers import DelayedSubmission
         job_id = JobEnvironment().job_id
-        if (Path(self.out_dir) / DONE).is_file():
+        if (Path(self.out_dir) / self.done_file).is_file():
             self._log(job_id, "finished, not requeued")
             return None
         if self.attempt >= self.max_requeues:
@@ -181,19 +187,39 @@ def parse_launcher_args(argv: Sequence[str]) -> argparse.Namespace:
 
 @dataclass
 class Plan:
-    """What will be submitted: the resolved config and the job's arguments."""
+    """What will be submitted: the resolved config (None for a transfer entry) and the job's arguments."""
     method: str
     script: Path
     train_args: List[str]
     out_dir: Path
     world: int
     cfg: Any
+    done_file: str = DONE
+
+
+TRANSFER_ENTRIES = ("detection.py", "segmentation.py")   # in shared/transfer/
+
+
+def is_transfer_entry(script: Path) -> bool:
+    return script.name in TRANSFER_ENTRIES and script.parent == Path(__file__).resolve().parent / "transfer"
+
+
+def plan_transfer_job(script: Path, train_argv: Sequence[str], world: int) -> Plan:
+    """A transfer entry checks its own command line (`launch_args`, which imports neither detectron2
+    nor mmseg): it returns the absolute output folder and the arguments of every attempt, with
+    `--resume`, so that a requeued job continues from its newest checkpoint."""
+    module = importlib.import_module(f"shared.transfer.{script.stem}")
+    out_dir, job_args, done_file = module.launch_args(train_argv)
+    return Plan(f"transfer-{script.stem}", script, job_args, Path(out_dir), world, None, done_file)
 
 
 def plan_job(args: argparse.Namespace, train_argv: Sequence[str]) -> Plan:
     script = Path(args.script).resolve()
+    if script.is_file() and is_transfer_entry(script):
+        return plan_transfer_job(script, train_argv, args.nodes * args.tasks_per_node)
     if not script.is_file() or script.name != "train.py":
-        raise UserError(f"python -m shared.launch: {args.script} is not a paper's train.py (e.g. barlow/train.py)")
+        raise UserError(f"python -m shared.launch: {args.script} is not a paper's train.py (e.g. barlow/train.py) "
+                        f"nor a transfer entry (shared/transfer/detection.py, shared/transfer/segmentation.py)")
     method = script.parent.name
     try:
         module = importlib.import_module(f"{method}.train")
@@ -218,7 +244,7 @@ def plan_job(args: argparse.Namespace, train_argv: Sequence[str]) -> Plan:
 
 def slurm_parameters(args: argparse.Namespace, plan: Plan) -> Dict[str, Any]:
     params: Dict[str, Any] = dict(
-        job_name=args.job_name or f"{plan.method}-{plan.cfg.name or 'run'}", nodes=args.nodes,
+        job_name=args.job_name or f"{plan.method}-{(plan.cfg.name if plan.cfg else '') or 'run'}", nodes=args.nodes,
         ntasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
         time=int(args.timeout_min), signal_delay_s=args.signal_delay_s)
     if args.gpus_per_node:
@@ -261,9 +287,11 @@ def make_executor(args: argparse.Namespace, plan: Plan):
 
 def describe(args: argparse.Namespace, plan: Plan) -> str:
     cfg = plan.cfg
-    lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_ref_batch)
-    lines = [f"{plan.method}: {plan.world} process(es) = {args.nodes} node(s) x {args.tasks_per_node} task(s); "
-             f"global batch {cfg.train.batch_size} = {cfg.train.batch_size // plan.world} per process; peak lr {lr:g}",
+    head = f"{plan.method}: {plan.world} process(es) = {args.nodes} node(s) x {args.tasks_per_node} task(s)"
+    if cfg is not None:
+        lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_ref_batch)
+        head += f"; global batch {cfg.train.batch_size} = {cfg.train.batch_size // plan.world} per process; peak lr {lr:g}"
+    lines = [head,
              f"output: {plan.out_dir}",
              f"command in each task: {shlex.join([sys.executable, str(plan.script), *plan.train_args])}"]
     return "\n".join(lines)
@@ -283,14 +311,15 @@ def dry_run(args: argparse.Namespace, plan: Plan) -> None:
             print("sbatch header:\n" + "\n".join(l for l in text.splitlines() if l.startswith("#SBATCH")))
         except Exception as exc:   # noqa: BLE001 - informative only
             print(f"(sbatch text unavailable: {exc})")
-    print("resolved config:")
-    print(to_yaml(plan.cfg), end="")
+    if plan.cfg is not None:
+        print("resolved config:")
+        print(to_yaml(plan.cfg), end="")
 
 
 def submit(args: argparse.Namespace, plan: Plan):
     executor = make_executor(args, plan)
     trainer = Trainer(script=str(plan.script), args=plan.train_args, out_dir=str(plan.out_dir),
-                      max_requeues=args.max_requeues)
+                      max_requeues=args.max_requeues, done_file=plan.done_file)
     job = executor.submit(trainer)
     print(describe(args, plan))
     print(f"job id: {job.job_id}")

@@ -15,6 +15,7 @@ import submitit
 import torch
 
 from shared import dist
+from shared.errors import UserError
 from shared.launch import LAUNCH_LOG, Trainer, dist_env_from_job, parse_launcher_args, plan_job, submit
 
 from conftest import ROOT, TINY, free_port, run_cli
@@ -102,6 +103,31 @@ def test_dry_run_prints_sbatch_parameters_and_config(tmp_path):
         assert line in r.stdout
     assert f"out_dir: {out}" in r.stdout and "root: /datasets/imagenet" in r.stdout
     assert not out.exists()
+
+
+@pytest.mark.parametrize("entry, config", [
+    ("detection", "shared/transfer/configs/detectron2/voc0712_r50_c4_24k.yaml"),
+    ("segmentation", "shared/transfer/configs/mmseg/fcn_d8_r50v1b_voc12aug_512x512_20k.py"),
+])
+def test_transfer_entries_are_planned_like_train_py(entry, config, tmp_path, monkeypatch):
+    """The transfer entries go through the same launcher (their own argument check needs neither
+    detectron2 nor mmseg): absolute paths, `--resume` on every attempt, and a run that wrote its
+    results.json is not requeued."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.bin").write_bytes(b"x")
+    args = parse_launcher_args([str(ROOT / f"shared/transfer/{entry}.py"), "--nodes", "2", "--gpus-per-node", "4",
+                                "--partition", "p"])
+    plan = plan_job(args, ["--config", str(ROOT / config), "--weights", "w.bin", "--out-dir", "out", "A.B=1"])
+    assert plan.cfg is None and plan.world == 8 and plan.out_dir == tmp_path / "out"
+    assert "--resume" in plan.train_args and str(tmp_path / "w.bin") in plan.train_args
+    assert plan.train_args[-1] == "A.B=1" and plan.done_file == "results.json"
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: type("E", (), {"job_id": "7"})())
+    trainer = Trainer(str(plan.script), plan.train_args, str(plan.out_dir), max_requeues=3, done_file=plan.done_file)
+    assert trainer.checkpoint() is not None
+    (plan.out_dir / "results.json").write_text("{}")
+    assert trainer.checkpoint() is None
+    with pytest.raises(UserError, match="--config nope.yaml: no such file"):
+        plan_job(args, ["--config", "nope.yaml", "--weights", "none", "--out-dir", "out"])
 
 
 def test_global_batch_or_fixed_per_gpu_batch():
