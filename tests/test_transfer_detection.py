@@ -114,11 +114,11 @@ def test_extra_norm_head_adds_a_norm_after_res5(d2):
 
 @pytest.fixture(scope="module")
 def tiny(d2, tmp_path_factory):
-    """A 32/16-image synthetic COCO export at 64 px and a converted ResNet-18 whose every tensor is
+    """A 32/8-image synthetic COCO export at 64 px and a converted ResNet-18 whose every tensor is
     perturbed (so that an equal value in the model can only come from loading it)."""
     root = tmp_path_factory.mktemp("det")
     from shared.data.synthetic import export
-    export(root / "coco", "coco", length=32, val_length=16, image_size=64)
+    export(root / "coco", "coco", length=32, val_length=8, image_size=64)
     torch.manual_seed(0)
     sd = {k: v + torch.rand_like(v.float()).to(v.dtype) if v.is_floating_point() else v
           for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
@@ -128,7 +128,8 @@ def tiny(d2, tmp_path_factory):
 
 
 FAST = ["SOLVER.MAX_ITER=3", "SOLVER.IMS_PER_BATCH=2", "DATALOADER.NUM_WORKERS=0", "TEST.PRECISE_BN.NUM_ITER=1",
-        "INPUT.MIN_SIZE_TRAIN=(64,)", "INPUT.MAX_SIZE_TRAIN=64", "INPUT.MIN_SIZE_TEST=64", "INPUT.MAX_SIZE_TEST=64"]
+        "INPUT.MIN_SIZE_TRAIN=(64,)", "INPUT.MAX_SIZE_TRAIN=64", "INPUT.MIN_SIZE_TEST=64", "INPUT.MAX_SIZE_TEST=64",
+        "MODEL.RPN.POST_NMS_TOPK_TEST=10"]
 
 
 def _entry(tiny, out, *extra, weights=None):
@@ -169,12 +170,11 @@ def test_trials_give_mean_and_std_and_resume_skips_finished_ones(tiny):
             assert res["bbox"][m] == pytest.approx(sum(vals) / 2)
             assert res["std"]["bbox"][m] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
     assert "mean ± std of 2 trials" in r.stdout
-    (out / "trial1" / "results.json").unlink()                                # as if killed during trial 1
+    # a requeued job (shared.launch adds --resume) does not run a finished trial again
     r = _entry(tiny, out, "--trials", "2", "--resume", weights="none")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "trial 0: finished before" in r.stdout + r.stderr + (out / "log.txt").read_text()
-    assert json.loads((out / "trial0" / "results.json").read_text()) == per[0]
-    assert (out / "trial1" / "results.json").is_file()
+    assert "trial 0: finished before" in r.stdout and "trial 1: finished before" in r.stdout
+    assert json.loads((out / "results.json").read_text())["bbox"] == res["bbox"]
 
 
 def test_bad_input_is_one_line(tiny, tmp_path, capsys, monkeypatch):

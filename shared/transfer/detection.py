@@ -24,10 +24,12 @@ hooks, checkpoints and evaluators):
   `--trials N`, N runs with seeds 0..N-1 in `<out-dir>/trial{k}` and their mean and std (n-1);
 - a check that the weights really went in: the number of tensors of the pickle found, with equal
   values, in the model before training is logged and stored in results.json;
-- processes: under torchrun or `shared.launch` (RANK, WORLD_SIZE, ... in the environment) the process
-  group is made from the environment; otherwise `--num-gpus G` spawns G processes with detectron2's
-  `launch`. `--resume` continues from the newest checkpoint in the output folder (a finished trial,
-  one with its results.json, is not run again).
+- processes: under torchrun or `shared.launch` (RANK, WORLD_SIZE, ... in the environment) the NCCL
+  process group and detectron2's per-machine group are made from the environment; otherwise
+  `--num-gpus G` spawns G processes with detectron2's `launch`. Several processes need GPUs
+  (detectron2's trainer gives DDP a GPU device id); on the CPU it is one process, where SyncBN and
+  naiveSyncBN are plain BN. `--resume` continues from the newest checkpoint in the output folder
+  (detectron2's `last_checkpoint`); a finished trial, one with its results.json, is not run again.
 
 Bad input (config, weights, datasets, detectron2 missing) stops with one line, before any process is
 spawned.
