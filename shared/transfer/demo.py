@@ -2,8 +2,10 @@
 
     make transfer-demo          # = .venv-transfer/bin/python -m shared.transfer.demo --out runs/transfer-demo
 
-1. export the synthetic dataset (the demos' easy setting, 3 shapes per image) as COCO json and as VOC
-   masks;
+1. export the synthetic dataset (3 shapes per image, 64 px) as COCO json in its default setting
+   (textured backgrounds, random colours: in the easy setting random init already reaches AP 72 in
+   300 iterations) and as VOC masks in the demos' easy setting (on the textured one 300 iterations of
+   the FCN learn only background, from either init);
 2. pretrain a ResNet-18 with the Barlow Twins demo recipe (`barlow/configs/demo.yaml`), or take
    `--checkpoint`;
 3. convert it for detectron2 and for mmseg (`shared.transfer.convert`);
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DET_CONFIG = CONFIGS / "detectron2" / "synthetic_r18_c4_demo.yaml"
 SEG_CONFIG = CONFIGS / "mmseg" / "fcn_r18_synthetic_demo.py"
-EASY = ["--texture", "0", "--palette", "1", "--rotation", "0"]   # as in the pretraining demos' data
+EASY = ["--texture", "0", "--palette", "1", "--rotation", "0"]   # as in the pretraining demos' data (VOC export)
 INITS = ("pretrained", "random_init")
 
 
@@ -76,18 +78,24 @@ def main(argv=None) -> None:
     p.add_argument("--val-length", type=int, default=256, help="validation images exported")
     p.add_argument("--skip", choices=["detection", "segmentation"], action="append", default=[],
                    help="leave one task out (repeatable)")
+    p.add_argument("--iters", type=int, help="fine-tuning iterations of both tasks instead of the configs' 300 "
+                                               "(a quick check of the pipeline, not a result)")
     a = p.parse_args(argv)
+    if a.iters is not None and a.iters < 1:
+        raise UserError(f"--iters {a.iters}: must be at least 1")
+    det_opts = [] if a.iters is None else [f"SOLVER.MAX_ITER={a.iters}", "TEST.PRECISE_BN.NUM_ITER=1"]
+    seg_opts = [] if a.iters is None else [f"train_cfg.max_iters={a.iters}", f"train_cfg.val_interval={a.iters}"]
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
 
     export = ["-m", "shared.data.synthetic", "--length", str(a.length), "--val-length", str(a.val_length),
-              "--image-size", str(a.image_size), "--max-objects", "3", *EASY]
+              "--image-size", str(a.image_size), "--max-objects", "3"]
     if "detection" not in a.skip:
         run_step("export_coco", [*export, "--format", "coco", "--out", str(data / "coco")], out,
                  data / "coco" / "annotations" / "instances_val.json")
     if "segmentation" not in a.skip:
-        run_step("export_voc", [*export, "--format", "voc", "--out", str(data / "voc")], out,
+        run_step("export_voc", [*export, *EASY, "--format", "voc", "--out", str(data / "voc")], out,
                  data / "voc" / "classes.txt")
 
     if a.checkpoint:
@@ -110,10 +118,11 @@ def main(argv=None) -> None:
             run_dir = out / "detection" / init
             w = str(weights["detection"]) if init == "pretrained" else "none"
             run_step(f"detection_{init}", ["-m", "shared.transfer.detection", "--config", str(DET_CONFIG),
-                                           "--weights", w, "--data-root", str(data / "coco"), "--out-dir", str(run_dir)],
+                                           "--weights", w, "--data-root", str(data / "coco"), "--out-dir", str(run_dir),
+                                           *det_opts],
                      out, run_dir / "results.json")
-            bbox = read_results(run_dir / "results.json")["bbox"]
-            results[init].update(AP=bbox["AP"], AP50=bbox["AP50"], AP75=bbox["AP75"])
+            bbox = read_results(run_dir / "results.json").get("bbox", {})
+            results[init].update(AP=bbox.get("AP"), AP50=bbox.get("AP50"), AP75=bbox.get("AP75"))
     if "segmentation" not in a.skip:
         run_step("convert_mmseg", ["-m", "shared.transfer.convert", str(source), "--to", "mmseg",
                                    "--out", str(weights["segmentation"])], out, weights["segmentation"])
@@ -122,9 +131,9 @@ def main(argv=None) -> None:
             w = str(weights["segmentation"]) if init == "pretrained" else "none"
             run_step(f"segmentation_{init}", ["-m", "shared.transfer.segmentation", "--config", str(SEG_CONFIG),
                                               "--weights", w, "--data-root", str(data / "voc"),
-                                              "--out-dir", str(run_dir)],
+                                              "--out-dir", str(run_dir), *seg_opts],
                      out, run_dir / "results.json")
-            results[init]["mIoU"] = read_results(run_dir / "results.json")["mIoU"]
+            results[init]["mIoU"] = read_results(run_dir / "results.json").get("mIoU")
 
     ckpt.save_atomic(json.dumps({"backbone": str(source), "results": results}, indent=2), out / "results.json",
                      write=lambda text, f: f.write(text.encode()))
