@@ -17,6 +17,12 @@ BACKBONE = "backbone.pt"
 FORMAT = "ssl-reference/1"
 
 
+def save_json(obj: Any, path: str | Path) -> Path:
+    """`obj` as indented JSON at `path`, written atomically (`save_atomic`)."""
+    import json
+    return save_atomic(json.dumps(obj, indent=2) + "\n", path, write=lambda text, f: f.write(text.encode()))
+
+
 def save_atomic(obj: Any, path: str | Path, write: Optional[Callable[[Any, Any], Any]] = None) -> Path:
     """`write(obj, file)` (default `torch.save`, looked up at call time) to a temporary file in the
     same folder, fsync, then rename over `path`: a crash at any point leaves either the old file or

@@ -135,8 +135,7 @@ def main(argv=None) -> None:
                      out, run_dir / "results.json")
             results[init]["mIoU"] = read_results(run_dir / "results.json").get("mIoU")
 
-    ckpt.save_atomic(json.dumps({"backbone": str(source), "results": results}, indent=2), out / "results.json",
-                     write=lambda text, f: f.write(text.encode()))
+    ckpt.save_json({"backbone": str(source), "results": results}, out / "results.json")
     print(table(results))
     print(f"[demo] results: {out / 'results.json'}")
 

@@ -305,7 +305,7 @@ def _write_json(obj: dict, path: Path) -> None:
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
-    ckpt.save_atomic(json.dumps(clean(obj), indent=2) + "\n", path, write=lambda text, f: f.write(text.encode()))
+    ckpt.save_json(clean(obj), path)
 
 
 def metrics(results: dict, test_sets: Sequence[str]) -> dict:

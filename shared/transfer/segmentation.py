@@ -20,7 +20,6 @@ A thin layer over mmengine's `Runner` (needs the transfer environment, `make tra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -196,8 +195,7 @@ def metrics_of(runner) -> Dict[str, float]:
 
 
 def write_results(out_dir: Path, results: dict) -> Path:
-    return ckpt.save_atomic(results, out_dir / "results.json",
-                            write=lambda obj, f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    return ckpt.save_json(results, out_dir / "results.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
