@@ -20,15 +20,9 @@ from densecl.loss import dense_correspondence
 from densecl.train import Config, build
 from shared import checkpoint as ckpt
 from shared.config import from_dict
-from shared.data.augment import MultiView
+from shared.data.augment import MultiView, to_pil
 from shared.data.loader import build_image_dataset
 from shared.errors import UserError, cli_main
-
-
-def to_image(x: torch.Tensor, mean, std, scale: int) -> Image.Image:
-    rgb = (x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
-    img = Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
 def draw_pair(v1: Image.Image, v2: Image.Image, match: torch.Tensor, grid: tuple[int, int], gap: int) -> Image.Image:
@@ -90,7 +84,7 @@ def main(argv=None) -> None:
             k = model.c5(model.momentum_backbone, x2[None])
         match = dense_correspondence(q, k)[0]
         scale = max(1, 256 // x1.shape[-1])
-        rows.append(draw_pair(to_image(x1, v1cfg.mean, v1cfg.std, scale), to_image(x2, v2cfg.mean, v2cfg.std, scale),
+        rows.append(draw_pair(to_pil(x1, v1cfg.mean, v1cfg.std, scale), to_pil(x2, v2cfg.mean, v2cfg.std, scale),
                               match, tuple(q.shape[-2:]), gap=16))
     sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 8 for r in rows) - 8), "white")
     y = 0

@@ -228,6 +228,14 @@ class FinetuneConfig:
     smoothing: float = 0.1        # label smoothing
     eval_every_epochs: int = 1
     amp: str = choice("auto", "auto", "bf16", "fp16", "fp32")  # DeiT: fp16 with a GradScaler
+    per_epoch: bool = True        # lr held within an epoch (DeiT); false: per iteration (SimMIM)
+    lag_epochs: int = 1           # DeiT steps its scheduler after each epoch (SimMIM: 0)
+    no_decay: Optional[List[str]] = None  # weight-decay exclusion rules (optim.no_decay syntax); null: 1-D,
+                                  # biases and the backbone's no_weight_decay() set (timm's create_optimizer)
+    img_size: int = 0             # fine-tuning resolution (0: eval.image_size), e.g. Swin 192 -> 224
+    resize: int = 0               # its eval Resize (0: eval.resize)
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # merged into model.backbone.kwargs for the
+                                  # fine-tuned model (SimMIM ViT: one position bias per block, fc_norm)
 
 
 @dataclass

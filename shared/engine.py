@@ -258,9 +258,12 @@ def environment_line(device: torch.device) -> str:
             f"{dist.world_size()} process(es), argv: {' '.join(sys.argv)}")
 
 
-def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], method: str) -> Dict[str, Any]:
+def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], method: str,
+             make_transform: Optional[Callable[[RunConfig, nn.Module], Callable]] = None) -> Dict[str, Any]:
     """What every paper's `train.py` calls: build the multi-view dataset from `cfg.data`/`cfg.aug`,
-    train with `fit`, export the backbone, then run the evaluations listed in `cfg.eval.after_train`."""
+    train with `fit`, export the backbone, then run the evaluations listed in `cfg.eval.after_train`.
+    `make_transform(cfg, model)` replaces the multi-view transform (SimMIM: one view and a mask on
+    the model's token grid)."""
     from shared.data.augment import MultiView
     from shared.data.loader import build_image_dataset
     from shared.eval import evaluate_after_training
@@ -274,9 +277,9 @@ def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], meth
         (output_dir(cfg, method) / DONE).unlink(missing_ok=True)          # this run is not finished
     t0 = time.time()
     dataset = build_image_dataset(cfg.data, "train")
-    transform = MultiView(cfg.aug.views)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
+    transform = make_transform(cfg, model) if make_transform is not None else MultiView(cfg.aug.views)
     dist.print0(environment_line(device))
     result = fit(cfg, model, dataset, transform, method=method)
     if dist.is_main():

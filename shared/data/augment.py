@@ -93,3 +93,10 @@ def linear_train_transform(image_size: int, crop_scale, interpolation: str, mean
     """RandomResizedCrop + flip: the linear-probe training transform of MoCo / Barlow Twins."""
     return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=INTERPOLATION[interpolation]),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def to_pil(x: torch.Tensor, mean, std, scale: int = 1) -> Image.Image:
+    """A normalised (3, H, W) tensor back to a PIL image, enlarged `scale` times (nearest), for pictures."""
+    rgb = (x.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
+    img = Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale != 1 else img

@@ -19,9 +19,16 @@ train mode):
   - mixup 0.8 / cutmix 1.0 per batch (prob 1, switch prob 0.5, 'batch' mode, cutmix area-corrected
     lambda, the box of timm 0.3.2) on label-smoothed (0.1) one-hot targets, soft-target cross-entropy;
   - the classifier weight ~ trunc_normal(std 0.02), bias 0 (timm 0.3.2's ViT init of its head).
-Layer-wise lr decay (BEiT/MAE `param_groups_lrd`, off by default): patch/position embedding and
-class token are layer 0, block i layer i + 1, everything after the blocks (final norm, head)
-layer depth + 1; a layer's lr (its whole schedule) is scaled by layer_decay^(depth + 1 - layer).
+Layer-wise lr decay (BEiT/MAE `param_groups_lrd`, SimMIM `get_vit_layer`/`get_swin_layer`, off by
+default): patch/position embedding and class token are layer 0, ViT block i layer i + 1, Swin block
+j of stage i layer depths[0] + .. + depths[i-1] + j + 1 and a stage's patch merging the layer of
+that stage's last block, everything after the blocks (final norm, head) layer depth + 1 (depth =
+number of blocks); a layer's lr (its whole schedule) is scaled by layer_decay^(depth + 1 - layer).
+
+SimMIM's recipe differs from DeiT's by configuration only (`eval.finetune` in simmim/configs): a
+per-iteration schedule without the lag, its own weight-decay rules, another resolution or window,
+and a fine-tuning backbone with one relative position bias per block and a pooled `fc_norm`;
+`shared.eval.remap` fits the pretrained weights into it.
 
 Deviations from DeiT: no model EMA (DeiT keeps one, decay 0.99996, but only saves it: its reported
 accuracy is that of the trained model, which is what is evaluated here); no repeated augmentation
@@ -55,6 +62,7 @@ from shared.errors import ConfigError, UserError
 from shared.eval.features import extract
 from shared.eval.knn import topk_accuracy
 from shared.eval.linear import logged_best, same_backbone_as_before
+from shared.eval.remap import adapt_state_dict
 from shared.models import build_backbone
 from shared.optim import scaled_lr
 
@@ -135,14 +143,33 @@ class MixupCutmix:
 
 
 # --------------------------------------------------------------------------------------- model
-def layer_id(name: str, depth: int) -> int:
-    """BEiT/MAE layer of a parameter of a timm ViT (names without the `backbone.` prefix): embeddings
-    0, block i i + 1, anything else (final norm, head) depth + 1."""
-    if name in EMBEDDING_PARAMS or name.startswith("patch_embed."):
+def layer_id(name: str, depth: int, stage_depths: Optional[Sequence[int]] = None) -> int:
+    """BEiT/MAE/SimMIM layer of a parameter of a timm ViT, or of a timm Swin given its
+    `stage_depths` (names without the `backbone.` prefix): embeddings 0, block k of the whole
+    sequence k + 1, anything else (final norm, head) depth + 1. timm's Swin opens stage i > 0 with
+    the patch merging that the official Swin ends stage i - 1 with: it gets the layer of that
+    stage's last block."""
+    if name in EMBEDDING_PARAMS or name.startswith("patch_embed.") or name == "mask_token":
         return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        return int(parts[1]) + 1
+    if parts[0] == "layers" and stage_depths is not None:
+        stage = int(parts[1])
+        before = sum(stage_depths[:stage])
+        if parts[2] == "downsample":
+            return before
+        if parts[2] == "blocks":
+            return before + int(parts[3]) + 1
     return depth + 1
+
+
+def stage_depths(backbone: nn.Module) -> Optional[List[int]]:
+    """Blocks per stage of a Swin-like backbone (`layers[i].blocks`), else None."""
+    layers = getattr(backbone, "layers", None)
+    if layers is None or not all(hasattr(layer, "blocks") for layer in layers):
+        return None
+    return [len(layer.blocks) for layer in layers]
 
 
 class Finetuner(nn.Module):
@@ -156,9 +183,11 @@ class Finetuner(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=head_init_std)   # bounds +-2 (absolute), as timm's
         nn.init.zeros_(self.head.bias)
         self.mix, self.layer_decay = mix, layer_decay
-        self.depth = len(backbone.blocks) if hasattr(backbone, "blocks") else None
+        self.stages = stage_depths(backbone)
+        self.depth = len(backbone.blocks) if hasattr(backbone, "blocks") else (
+            sum(self.stages) if self.stages else None)
         if layer_decay != 1.0 and self.depth is None:
-            raise ConfigError(f"eval.finetune.layer_decay={layer_decay} needs a ViT backbone (with `blocks`), "
+            raise ConfigError(f"eval.finetune.layer_decay={layer_decay} needs a ViT or Swin backbone, "
                               f"got {type(backbone).__name__}")
 
     def lr_scale(self, name: str) -> float:
@@ -166,7 +195,7 @@ class Finetuner(nn.Module):
         if self.layer_decay == 1.0:
             return 1.0
         short = name[len("backbone."):] if name.startswith("backbone.") else name
-        return self.layer_decay ** (self.depth + 1 - layer_id(short, self.depth))
+        return self.layer_decay ** (self.depth + 1 - layer_id(short, self.depth, self.stages))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -178,20 +207,29 @@ class Finetuner(nn.Module):
 
 
 def finetune_backbone(cfg: RunConfig, backbone: nn.Module) -> nn.Module:
-    """A fresh `cfg.model.backbone` with the fine-tuning drop path, holding `backbone`'s weights,
-    every parameter trainable (MoCo v3's frozen patch projection / fixed position embedding included,
+    """A fresh `cfg.model.backbone` with the fine-tuning drop path, resolution and extra kwargs,
+    holding `backbone`'s weights (fitted by `shared.eval.remap` where the shapes differ), every
+    parameter trainable (MoCo v3's frozen patch projection / fixed position embedding included,
     as when its weights are loaded into a DeiT model). `backbone` itself is left untouched."""
-    bb = build_backbone(replace(cfg.model.backbone, drop_path=cfg.eval.finetune.drop_path))
+    fc, bc = cfg.eval.finetune, cfg.model.backbone
+    bb = build_backbone(replace(bc, drop_path=fc.drop_path, img_size=fc.img_size or bc.img_size,
+                                kwargs={**bc.kwargs, **fc.backbone_kwargs}))
     try:
-        bb.load_state_dict(backbone.state_dict())
-    except RuntimeError as exc:
-        raise UserError(f"fine-tuning: the backbone does not match model.backbone.name={cfg.model.backbone.name} "
+        sd, notes = adapt_state_dict(backbone.state_dict(), bb)
+        bb.load_state_dict(sd, strict=False)      # adapt_state_dict checked every key but a new fc_norm
+    except (RuntimeError, UserError) as exc:
+        raise UserError(f"fine-tuning: the backbone does not match model.backbone.name={bc.name} "
                         f"({str(exc).splitlines()[0]})") from None
+    for note in notes:
+        dist.print0(f"fine-tuning: {note}")
     return bb.requires_grad_(True)
 
 
-def no_weight_decay_rules(backbone: nn.Module) -> List[str]:
-    """timm's create_optimizer filter: 1-D parameters, biases, and the model's `no_weight_decay()` names."""
+def no_weight_decay_rules(backbone: nn.Module, rules: Optional[Sequence[str]] = None) -> List[str]:
+    """`rules` when given (the recipe's), else timm's create_optimizer filter: 1-D parameters,
+    biases, and the model's `no_weight_decay()` names."""
+    if rules is not None:
+        return list(rules)
     skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
     return ["ndim<=1", "bias", *sorted(f"backbone.{n}" for n in skip)]
 
@@ -209,7 +247,8 @@ def finetune_config(cfg: RunConfig, out_dir: Path, no_decay: Sequence[str] = ("n
         optim=OptimConfig(name="adamw", lr=fc.lr, lr_ref_batch=fc.lr_ref_batch, weight_decay=fc.weight_decay,
                           no_decay=list(no_decay), betas=tuple(fc.betas), eps=fc.eps, clip_grad=fc.clip_grad),
         sched=ScheduleConfig(kind="cosine", warmup_epochs=fc.warmup_epochs, warmup_start=fc.warmup_lr / peak,
-                             final=fc.min_lr / peak, per_epoch=True, warmup_prefix=False, lag_epochs=1),
+                             final=fc.min_lr / peak, per_epoch=fc.per_epoch, warmup_prefix=False,
+                             lag_epochs=fc.lag_epochs),
         train=replace(cfg.train, amp=fc.amp, epochs=fc.epochs, batch_size=fc.batch_size, per_gpu_batch=0,
                       drop_last=True, out_dir=str(out_dir), sync_bn=False, compile=False, ckpt_every_epochs=1,
                       keep_every_epochs=0),
@@ -255,7 +294,7 @@ def train_transform(cfg: RunConfig) -> SeededTimmTransform:
     """DeiT's training transform: timm's `create_transform(is_training=True)` with the recipe's values."""
     fc, ec = cfg.eval.finetune, cfg.eval
     tf = create_transform(
-        input_size=ec.image_size, is_training=True, color_jitter=fc.color_jitter,
+        input_size=fc.img_size or ec.image_size, is_training=True, color_jitter=fc.color_jitter,
         auto_augment=fc.rand_augment or None, interpolation=fc.interpolation, re_prob=fc.reprob,
         re_mode=fc.remode, re_count=fc.recount, mean=tuple(ec.mean), std=tuple(ec.std))
     for t in tf.transforms:
@@ -278,7 +317,7 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
     mix = MixupCutmix(num_classes, fc.mixup, fc.cutmix, fc.mixup_prob, fc.mixup_switch_prob, fc.smoothing)
     model = Finetuner(finetune_backbone(cfg, backbone), num_classes, mix, fc.head_init_std, fc.layer_decay)
     dtype = autocast_dtype(fc.amp, device)
-    val_tf = eval_transform(ec.image_size, ec.resize, fc.interpolation, ec.mean, ec.std)
+    val_tf = eval_transform(fc.img_size or ec.image_size, fc.resize or ec.resize, fc.interpolation, ec.mean, ec.std)
     best = {"top1": 0.0}
     last: Dict[str, float] = {}
     earlier = {"read": False}
@@ -296,7 +335,7 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
         last.update(top1=top1, top5=top5)
         return {"top1": top1, "top5": top5, "best_top1": best["top1"]}
 
-    fcfg = finetune_config(cfg, out_dir, no_weight_decay_rules(model.backbone))
+    fcfg = finetune_config(cfg, out_dir, no_weight_decay_rules(model.backbone, fc.no_decay))
     fcfg.train.resume = resume
     result = fit(fcfg, model, train_set, train_transform(cfg), method="finetune", out_dir=out_dir,
                  on_epoch_end=evaluate, progress_desc=desc)

@@ -1,0 +1,82 @@
+"""Draw what SimMIM learns: for a few images, the input, the input with its masked units greyed out,
+the model's reconstruction, and the reconstruction of the masked units pasted into the visible ones.
+
+    python simmim/show_reconstruction.py runs/simmim/demo/last.pt [--images 6] [--split val] [--out FILE]
+
+Works from any SimMIM training checkpoint (`last.pt`, which holds the model and its config). Each
+image gets the pretraining transform (its crop and flip) and a mask from the recipe's generator,
+seeded by `--seed` and the image's index. Writes `reconstruction.png` next to the checkpoint, one
+row per image, and prints the masked-pixel L1 loss over those images.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from shared import checkpoint as ckpt
+from shared.config import from_dict
+from shared.data.augment import to_pil
+from shared.data.loader import build_image_dataset
+from shared.errors import UserError, cli_main
+from simmim.loss import masked_l1_loss, pixel_mask
+from simmim.train import Config, build
+from simmim.model import make_transform
+
+TITLES = ("input", "masked", "reconstruction", "visible + reconstructed")
+
+
+@cli_main
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a SimMIM last.pt (model and config)")
+    p.add_argument("--images", type=int, default=6, help="how many images (one row each)")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the crops and masks")
+    p.add_argument("--out", default="", help="PNG path (default: reconstruction.png next to the checkpoint)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=...")
+    a = p.parse_args(argv)
+    state = ckpt.load(a.checkpoint)
+    if "model" not in state or "config" not in state:
+        raise UserError(f"{a.checkpoint}: not a training checkpoint of ours (no model/config); pass a last.pt")
+    cfg = from_dict(Config, state["config"], a.overrides)
+    model = build(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{a.checkpoint}: not a SimMIM checkpoint ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    transform = make_transform(cfg, model)
+    dataset = build_image_dataset(cfg.data, a.split)
+    xs, masks = [], []
+    for i in range(min(a.images, len(dataset))):
+        torch.manual_seed(a.seed * 100_003 + i)
+        x, m = transform(dataset[i][0])
+        xs.append(x)
+        masks.append(m)
+    x, mask = torch.stack(xs), torch.stack(masks)
+    with torch.no_grad():
+        rec = model.reconstruct(x, mask)
+        loss = masked_l1_loss(x, rec, mask).item()
+    pix = pixel_mask(mask, x.shape[-2], x.shape[-1]).to(x.dtype)
+    view = cfg.aug.views[0]
+    grey = torch.tensor([(0.5 - mu) / sd for mu, sd in zip(view.mean, view.std)]).view(1, 3, 1, 1)
+    panels = [x, x * (1 - pix) + grey * pix, rec, x * (1 - pix) + rec * pix]
+    scale = max(1, 128 // x.shape[-1])
+    size, gap, head = x.shape[-1] * scale, 8, 18
+    sheet = Image.new("RGB", (4 * size + 3 * gap, head + len(xs) * (size + gap) - gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(TITLES):
+        draw.text((c * (size + gap) + 2, 2), title, fill=(0, 0, 0))
+    for r in range(len(xs)):
+        for c, panel in enumerate(panels):
+            sheet.paste(to_pil(panel[r], view.mean, view.std, scale), (c * (size + gap), head + r * (size + gap)))
+    out = Path(a.out) if a.out else Path(a.checkpoint).parent / "reconstruction.png"
+    sheet.save(out)
+    print(f"wrote {out} ({len(xs)} images, masked-pixel L1 {loss:.4f})")
+
+
+if __name__ == "__main__":
+    main()
