@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from shared.config import BackboneConfig, build_config
