@@ -172,6 +172,7 @@ class KNNConfig:
     k: int = 20
     temperature: float = 0.07
     batch_size: int = 256
+    block: int = 0                # as eval.linear.block: 0 the pooled output, N the mean patch token after block N
 
 
 @dataclass
@@ -193,6 +194,8 @@ class LinearConfig:
     cache_features: bool = False  # extract features once (no augmentation) and train on them: fast, not the protocol
     eval_every_epochs: int = 1
     amp: str = choice("fp32", "auto", "bf16", "fp16", "fp32")   # the official probes run in fp32
+    block: int = 0                # 0: the backbone's pooled output; N: the mean of the patch tokens after
+                                  # block N (1-based, timm ViTs), SimMIM's ViT probe: 8
 
 
 @dataclass

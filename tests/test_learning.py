@@ -51,3 +51,17 @@ def test_densecl_demo_beats_random_init_on_the_segmentation_probe(tmp_path):
     pre, rnd = demo_results("densecl", tmp_path, "train.epochs=8", "eval.after_train=[seg]")
     res = {"pretrained": pre, "random_init": rnd}
     assert pre["seg"]["miou"] >= rnd["seg"]["miou"] + 5.0, res
+
+
+@pytest.mark.slow
+def test_simmim_demo_reconstructs_better_and_beats_random_init_on_knn(tmp_path):
+    # the SimMIM demo recipe without the linear probe (about 3 minutes on 2 cores). Measured on this
+    # machine: the masked-pixel L1 falls from 0.63 (first epoch) to 0.36; kNN on the mean patch token
+    # after block 3 of 4: 69.5 vs 59.6 for random init. (On the output after the final LayerNorm the
+    # pretrained network is worse than random init, 60.6 vs 65.4: see simmim/README.md.)
+    pre, rnd = demo_results("simmim", tmp_path, "eval.after_train=[knn]")
+    res = {"pretrained": pre, "random_init": rnd}
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert pre["knn"]["top1"] >= rnd["knn"]["top1"] + 5.0, res

@@ -369,3 +369,21 @@ def test_official_checkpoint_names_round_trip(make, tmp_path):
     main([str(tmp_path / "official.pth"), str(tmp_path / "bb.pt")])
     bb = torch.load(tmp_path / "bb.pt", weights_only=True)
     model.backbone.load_state_dict(bb)                                        # strict
+
+
+def test_linear_probe_features_of_block_8():
+    from shared.eval.linear import BlockFeatures
+    cfg = recipe("vit_base_800ep", "model.backbone.kwargs.depth=9")
+    assert cfg.eval.linear.block == 8
+    bb = SimMIM(cfg.model).backbone.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        f = BlockFeatures(bb, 8)(x)
+        t = bb.patch_embed(x)
+        t = torch.cat([bb.cls_token.expand(2, -1, -1), t], 1)
+        rpb = bb.rel_pos_bias()
+        for blk in bb.blocks[:8]:
+            t = blk(t, shared_rel_pos_bias=rpb)
+    assert f.shape == (2, 768) and torch.allclose(f, t[:, 1:].mean(1), atol=1e-5)
+    with pytest.raises(ConfigError, match="eval.linear.block=10"):
+        BlockFeatures(bb, 10)

@@ -225,3 +225,45 @@ def test_mmseg_vit_loads_every_weight(mmseg_models, tmp_path):
     assert set(want) <= set(got)
     for k, v in want.items():
         assert torch.equal(got[k], v), k
+
+
+def test_swin_to_mmseg_names_and_patch_merging_order():
+    from shared.transfer.convert import unfold_channel_order
+    swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, img_size=64, window_size=4,
+                             embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4)).eval()
+    sd = swin.state_dict()
+    out = to_mmseg(sd, "test")["state_dict"]
+    assert "stages.0.downsample.reduction.weight" in out and "stages.2.downsample.reduction.weight" not in out
+    assert "stages.1.blocks.1.attn.w_msa.relative_position_bias_table" in out
+    assert "stages.0.blocks.0.ffn.layers.0.0.weight" in out and "patch_embed.projection.weight" in out
+    assert not any(k.startswith(("layers.", "norm.")) for k in out) and len(out) == len(sd) - 2
+    # timm's merging of stage 1 == an nn.Unfold merging (mmseg's) with the converted weights
+    x = torch.randn(2, 8, 8, 16)                                             # (B, H, W, C) as timm passes it
+    want = swin.layers[1].downsample(x)
+    cols = torch.nn.functional.unfold(x.permute(0, 3, 1, 2), kernel_size=2, stride=2).transpose(1, 2)
+    norm = torch.nn.functional.layer_norm(cols, (64,), out["stages.0.downsample.norm.weight"],
+                                          out["stages.0.downsample.norm.bias"])
+    got = norm @ out["stages.0.downsample.reduction.weight"].T
+    assert torch.allclose(got.view(2, 4, 4, 32), want, atol=1e-5)
+    assert torch.equal(unfold_channel_order(torch.arange(8.0)), torch.tensor([0., 4., 2., 6., 1., 5., 3., 7.]))
+
+
+def test_mmseg_swin_computes_what_timm_computes(mmseg_models, tmp_path):
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, img_size=128, window_size=4,
+                             embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4)).eval()
+    path = tmp_path / "swin_mmseg.pth"
+    torch.save(to_mmseg(swin.state_dict(), "test"), path)
+    model = mmseg_models.build(dict(type="SwinTransformer", pretrain_img_size=128, embed_dims=16, patch_size=4,
+                                    window_size=4, depths=(2, 2, 2), num_heads=(1, 2, 4), strides=(4, 2, 2),
+                                    out_indices=(0, 1, 2), drop_path_rate=0.0,
+                                    init_cfg=dict(type="Pretrained", checkpoint=str(path))))
+    model.init_weights()
+    model.eval()                      # (mmseg's SwinTransformer.train returns None)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        got = model(x)
+        want = swin.forward_intermediates(x, intermediates_only=True, norm=False)
+    for g, w in zip(got, want):       # mmseg normalises each output with a fresh LayerNorm (weight 1, bias 0)
+        w = torch.nn.functional.layer_norm(w.permute(0, 2, 3, 1), (w.shape[1],)).permute(0, 3, 1, 2)
+        assert torch.allclose(g, w, atol=1e-4)

@@ -29,6 +29,9 @@ def knn_eval(cfg: RunConfig, backbone: nn.Module, train_set, val_set) -> Dict[st
     _, device = dist.init(cfg.train.device)
     ec = cfg.eval
     tf = eval_transform(ec.image_size, ec.resize, ec.interpolation, ec.mean, ec.std)
+    if ec.knn.block:
+        from shared.eval.linear import BlockFeatures
+        backbone = BlockFeatures(backbone, ec.knn.block)
     backbone = backbone.to(device).eval()
     dtype = autocast_dtype(cfg.train.amp, device)
     tr_f, tr_y = extract(backbone, train_set, tf, ec.knn.batch_size, device, cfg.data.workers, dtype)

@@ -24,7 +24,7 @@ from shared import dist
 from shared.config import OptimConfig, RunConfig, ScheduleConfig
 from shared.data.augment import eval_transform, linear_train_transform
 from shared.engine import autocast_dtype, fit
-from shared.errors import TrainingError
+from shared.errors import ConfigError, TrainingError
 from shared.eval.features import extract
 from shared.eval.knn import topk_accuracy
 
@@ -126,12 +126,32 @@ def logged_best(out_dir: Path) -> List[float]:
     return values
 
 
+class BlockFeatures(nn.Module):
+    """`backbone`'s patch tokens after block `block` (1-based), averaged: (N, width). For probing an
+    intermediate layer, as SimMIM probes ViT-B at its 8th block (no class token, no final norm)."""
+
+    def __init__(self, backbone: nn.Module, block: int):
+        super().__init__()
+        depth = len(getattr(backbone, "blocks", ()))
+        if not 1 <= block <= depth:
+            raise ConfigError(f"eval.linear.block={block}: expected a block of the ViT, 1..{depth}"
+                              if depth else f"eval.linear.block={block} needs a ViT backbone (with `blocks`)")
+        self.backbone, self.block = backbone, block
+        self.out_dim = backbone.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.backbone.forward_intermediates(x, indices=[self.block - 1], norm=False, intermediates_only=True)
+        return maps[0].mean((2, 3))
+
+
 def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int,
                  out_dir: Path, desc: str = "linear") -> Dict[str, float]:
     """Train and evaluate a linear classifier on `backbone`'s pooled features. Returns top-1/top-5
     of the last epoch and the best top-1 over evaluations (both are reported by the papers' code)."""
     _, device = dist.init(cfg.train.device)
     lc, ec = cfg.eval.linear, cfg.eval
+    if lc.block:
+        backbone = BlockFeatures(backbone, lc.block)
     backbone = backbone.to(device).eval()
     reference = copy.deepcopy(backbone.state_dict())
     dtype = autocast_dtype(lc.amp, device)

@@ -8,8 +8,8 @@ Inputs: our `last.pt` and `backbone.pt`, and the authors' released files, recogn
 MoCo v1/v2 (`state_dict`, `module.encoder_q.*`), MoCo v3 (`state_dict`, `module.base_encoder.*`),
 DenseCL (`state_dict` with plain keys after `tools/extract_backbone_weights.py`, or `backbone.*` in a
 training checkpoint), Barlow Twins (`resnet50.pth`, plain torchvision keys), DeiT-style `{'model': ...}`.
-A classifier (`fc.*`, `head.*`) is dropped. Architectures: torchvision ResNets (both targets) and timm
-ViTs (mmseg only; detectron2 has no ViT backbone in its ResNet configs).
+A classifier (`fc.*`, `head.*`) is dropped. Architectures: torchvision ResNets (both targets), timm
+ViTs and timm Swins (mmseg only; detectron2 has no ViT backbone in its ResNet configs).
 
 Outputs:
 - detectron2: a pickle `{'model': {name: numpy array}, '__author__': ..., 'matching_heuristics': True}`
@@ -18,6 +18,12 @@ Outputs:
 - mmseg: `{'state_dict': ..., 'meta': ...}` via `torch.save`. ResNets keep torchvision's names, which are
   those of mmseg's `ResNet` with the 7x7 stem (V1b; DenseCL's `ResNetNormal`), **not** `ResNetV1c`'s deep
   stem. ViTs get mmseg `VisionTransformer` names (`layers.i.ln1`, fused `attn.attn.in_proj_weight`, ...).
+  Swins (SimMIM's) get mmseg `SwinTransformer` names, as mmseg's `swin2mmseg.py` gives them from the
+  official Swin: `stages.i`, `attn.w_msa`, `ffn.layers`, `patch_embed.projection`; timm opens stage i
+  with the patch merging that the official Swin and mmseg close stage i - 1 with, and mmseg's merging
+  unfolds its 2x2 neighbourhood channel by channel, so the merging weights move back one stage and
+  their input channels are reordered. The final norm is dropped (mmseg normalises each output with
+  its own `norm0..3`).
 """
 from __future__ import annotations
 
@@ -74,8 +80,11 @@ def architecture(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint")
         return "resnet"
     if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
         return "vit"
-    raise UserError(f"{source}: not a torchvision ResNet (conv1.weight, layer1.0.*) nor a timm ViT "
-                    f"(patch_embed.proj.weight, blocks.0.attn.qkv.*); its keys begin {sorted(sd)[:4]}")
+    if "patch_embed.proj.weight" in sd and "layers.0.blocks.0.attn.qkv.weight" in sd:
+        return "swin"
+    raise UserError(f"{source}: not a torchvision ResNet (conv1.weight, layer1.0.*), a timm ViT "
+                    f"(patch_embed.proj.weight, blocks.0.attn.qkv.*) nor a timm Swin (layers.0.blocks.0.*); "
+                    f"its keys begin {sorted(sd)[:4]}")
 
 
 def check_resnet(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
@@ -139,11 +148,52 @@ def mmseg_vit_key(k: str) -> str:
     return k
 
 
+SWIN_RULES = (  # timm SwinTransformer (blocks, stage norms) -> mmseg SwinTransformer, applied in order
+    (r"^layers\.", "stages."),
+    (r"\.attn\.", ".attn.w_msa."),
+    (r"\.mlp\.fc1\.", ".ffn.layers.0.0."),
+    (r"\.mlp\.fc2\.", ".ffn.layers.1."),
+    (r"^patch_embed\.proj\.", "patch_embed.projection."),
+)
+SWIN_KEEP = re.compile(r"^(patch_embed\.(proj|norm)\.(weight|bias)|norm\.(weight|bias)|"
+                       r"layers\.\d+\.downsample\.(reduction\.weight|norm\.(weight|bias))|"
+                       r"layers\.\d+\.blocks\.\d+\.(norm[12]\.(weight|bias)|attn\.relative_position_bias_table|"
+                       r"attn\.(qkv|proj)\.(weight|bias)|mlp\.fc[12]\.(weight|bias)))$")
+
+
+def unfold_channel_order(v: torch.Tensor) -> torch.Tensor:
+    """A patch-merging tensor over 4C input channels, from timm's / the official order (the 2x2
+    neighbours (0,0), (1,0), (0,1), (1,1) one after the other, C channels each) to nn.Unfold's
+    (for each channel its 4 neighbours (0,0), (0,1), (1,0), (1,1)): the last dimension is permuted."""
+    c = v.shape[-1] // 4
+    return v.reshape(*v.shape[:-1], 4, c)[..., [0, 2, 1, 3], :].transpose(-1, -2).reshape(v.shape)
+
+
+def to_mmseg_swin(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint") -> Dict[str, torch.Tensor]:
+    odd = sorted(k for k in sd if not SWIN_KEEP.match(k))
+    if odd:
+        raise UserError(f"{source}: Swin keys mmseg's SwinTransformer has no place for: {odd[:3]}")
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().cpu().clone()
+        merge = re.match(r"^layers\.(\d+)\.downsample\.(reduction|norm)\.(weight|bias)$", k)
+        if merge:
+            stage = int(merge.group(1)) - 1
+            out[f"stages.{stage}.downsample.{merge.group(2)}.{merge.group(3)}"] = unfold_channel_order(v)
+        elif not k.startswith("norm."):
+            for pattern, repl in SWIN_RULES:
+                k = re.sub(pattern, repl, k)
+            out[k] = v
+    return out
+
+
 def to_mmseg(sd: Dict[str, torch.Tensor], author: str, source: str | Path = "checkpoint") -> dict:
     arch = architecture(sd, source)
     if arch == "resnet":
         check_resnet(sd, source)
         out = {k: v.detach().cpu().clone() for k, v in sd.items()}
+    elif arch == "swin":
+        out = to_mmseg_swin(sd, source)
     else:
         odd = sorted(k for k in sd if not VIT_KEEP.match(k))
         if odd:

@@ -14,9 +14,9 @@
 #   800 epochs it is 0.8: `optim_wrapper.paramwise_cfg.decay_rate=0.8`), with SimMIM's Swin layer ids
 #   (`optimizer.py`, `get_swin_layer`), by our `LayerDecayOptimWrapperConstructor` (shared/transfer/mmseg_parts.py;
 #   mmseg 1.4.2's decay constructor does not take Swin). This combination is ours and untuned.
-# Weights: mmseg `SwinTransformer` names (mmseg's `tools/model_converters/swin2mmseg.py` output; our converter
-#   has no Swin yet). A SimMIM Swin-B pre-trained at 192 px with window 6 loads: mmseg resizes the relative
-#   position bias tables to window 7.
+# Weights: mmseg `SwinTransformer` names: `python -m shared.transfer.convert runs/simmim/<run>/last.pt --to mmseg`
+#   (or mmseg's `tools/model_converters/swin2mmseg.py` on an official Swin). A SimMIM Swin-B pre-trained at
+#   192 px with window 6 loads: mmseg resizes the relative position bias tables to window 7.
 _base_ = ['./_runtime.py', './_ade20k_512x512.py']
 custom_imports = dict(imports=['shared.transfer.mmseg_parts'], allow_failed_imports=False)
 
