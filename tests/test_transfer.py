@@ -267,3 +267,44 @@ def test_mmseg_swin_computes_what_timm_computes(mmseg_models, tmp_path):
     for g, w in zip(got, want):       # mmseg normalises each output with a fresh LayerNorm (weight 1, bias 0)
         w = torch.nn.functional.layer_norm(w.permute(0, 2, 3, 1), (w.shape[1],)).permute(0, 3, 1, 2)
         assert torch.allclose(g, w, atol=1e-4)
+
+
+def simmim_vit():
+    torch.manual_seed(0)
+    return timm.create_model("beit_base_patch16_224", num_classes=0, img_size=32, patch_size=4, embed_dim=24, depth=2,
+                             num_heads=2, use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                             init_values=0.1, global_pool="avg", use_fc_norm=False).eval()
+
+
+def test_beit_style_vit_to_mmseg_beit_names():
+    vit = simmim_vit()
+    with torch.no_grad():
+        vit.rel_pos_bias.relative_position_bias_table.normal_()
+    sd = vit.state_dict()
+    out = to_mmseg(sd, "test")["state_dict"]
+    assert to_mmseg(sd, "test")["meta"]["architecture"] == "beit"
+    shared = sd["rel_pos_bias.relative_position_bias_table"]
+    assert all(torch.equal(out[f"layers.{i}.attn.relative_position_bias_table"], shared) for i in range(2))
+    assert {"layers.1.gamma_2", "layers.0.attn.q_bias", "layers.0.attn.qkv.weight", "layers.0.ln1.weight",
+            "layers.0.ffn.layers.0.0.weight", "patch_embed.projection.weight", "ln1.weight", "cls_token"} <= set(out)
+    assert not any(k.startswith(("blocks.", "rel_pos_bias.")) for k in out)
+    with pytest.raises(UserError, match="fc_norm"):
+        to_mmseg({**sd, "fc_norm.weight": torch.ones(24)}, "t")
+
+
+def test_mmseg_beit_computes_what_timm_computes(mmseg_models, tmp_path):
+    vit = simmim_vit()
+    with torch.no_grad():
+        vit.rel_pos_bias.relative_position_bias_table.normal_()
+    path = tmp_path / "beit_mmseg.pth"
+    torch.save(to_mmseg(vit.state_dict(), "test"), path)
+    model = mmseg_models.build(dict(type="BEiT", img_size=(32, 32), patch_size=4, embed_dims=24, num_layers=2,
+                                    num_heads=2, qv_bias=True, init_values=0.1, out_indices=(1,), drop_path_rate=0.0,
+                                    init_cfg=dict(type="Pretrained", checkpoint=str(path))))
+    model.init_weights()
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = model(x)[0]
+        want = vit.forward_intermediates(x, indices=[1], intermediates_only=True, norm=False)[0]
+    assert torch.allclose(got, want, atol=1e-5)

@@ -78,6 +78,8 @@ def read_backbone(path: str | Path) -> Tuple[Dict[str, torch.Tensor], str]:
 def architecture(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint") -> str:
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
         return "resnet"
+    if "patch_embed.proj.weight" in sd and "blocks.0.attn.q_bias" in sd:
+        return "beit"
     if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
         return "vit"
     if "patch_embed.proj.weight" in sd and "layers.0.blocks.0.attn.qkv.weight" in sd:
@@ -187,6 +189,34 @@ def to_mmseg_swin(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint"
     return out
 
 
+BEIT_KEEP = re.compile(r"^(cls_token|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|"
+                       r"rel_pos_bias\.relative_position_bias_table|blocks\.\d+\.(gamma_[12]|norm[12]\.(weight|bias)|"
+                       r"attn\.(q_bias|v_bias|qkv\.weight|proj\.(weight|bias)|relative_position_bias_table)|"
+                       r"mlp\.fc[12]\.(weight|bias)))$")
+BEIT_RULES = VIT_RULES[:4] + (VIT_RULES[6], VIT_RULES[7])   # no fused-attention renaming: mmseg's BEiT keeps qkv
+
+
+def to_mmseg_beit(sd: Dict[str, torch.Tensor], source: str | Path = "checkpoint") -> Dict[str, torch.Tensor]:
+    """A BEiT-style timm ViT (SimMIM's: q/v biases, layer scale, relative position bias shared or per
+    block) in mmseg `BEiT` names, as mmseg's `beit2mmseg`; a shared table is copied into every layer."""
+    odd = sorted(k for k in sd if not BEIT_KEEP.match(k))
+    if odd:
+        raise UserError(f"{source}: BEiT-style ViT keys mmseg's BEiT has no place for: {odd[:3]} (fc_norm: pass "
+                        "a pretrained, not a fine-tuned, backbone)")
+    sd = dict(sd)
+    shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    if shared is not None:
+        for i in range(depth):
+            sd[f"blocks.{i}.attn.relative_position_bias_table"] = shared
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in BEIT_RULES:
+            k = re.sub(pattern, repl, k)
+        out[k] = v.detach().cpu().clone()
+    return out
+
+
 def to_mmseg(sd: Dict[str, torch.Tensor], author: str, source: str | Path = "checkpoint") -> dict:
     arch = architecture(sd, source)
     if arch == "resnet":
@@ -194,6 +224,8 @@ def to_mmseg(sd: Dict[str, torch.Tensor], author: str, source: str | Path = "che
         out = {k: v.detach().cpu().clone() for k, v in sd.items()}
     elif arch == "swin":
         out = to_mmseg_swin(sd, source)
+    elif arch == "beit":
+        out = to_mmseg_beit(sd, source)
     else:
         odd = sorted(k for k in sd if not VIT_KEEP.match(k))
         if odd:

@@ -32,7 +32,8 @@ from shared.errors import UserError, cli_main
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # keys a pretrained backbone file may legitimately lack or carry, per mmseg backbone type
-MAY_LACK = {"SwinTransformer": r"^norm\d\."}                                # per-output norms, new in mmseg
+MAY_LACK = {"SwinTransformer": r"^norm\d\.",                               # per-output norms, new in mmseg
+            "BEiT": r"\.relative_position_index$"}                          # a buffer mmseg saves, rebuilt
 MAY_CARRY = {"SwinTransformer": r"^norm\.|\.attn_mask$|^mask_token$"}       # classifier norm, buffers, SimMIM
 RESIZED = r"(^|\.)(pos_embed|absolute_pos_embed|relative_position_bias_table|relative_position_index)$"
 STRIPPED = {"SwinTransformer": ("module.", "backbone.")}                   # mmseg's Swin strips both itself
