@@ -387,3 +387,16 @@ def test_linear_probe_features_of_block_8():
     assert f.shape == (2, 768) and torch.allclose(f, t[:, 1:].mean(1), atol=1e-5)
     with pytest.raises(ConfigError, match="eval.linear.block=10"):
         BlockFeatures(bb, 10)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("vit_base_800ep", 86_530_984),      # per-block position biases, fc_norm, 1000-way head
+    ("swin_base_800ep", 87_768_224),     # 224 px, window 7
+    # 224 px, window 14: the official Swin shrinks a window to a smaller feature map, so stage 4 (7x7)
+    # keeps 13x13 tables; counted with 27x27 ones there it would be 196,848,316
+    ("swin_large_800ep", 196_794_556)])
+def test_fine_tuning_model_parameter_counts(name, params):
+    from shared.eval.finetune import finetune_backbone
+    cfg = recipe(name)
+    ft = finetune_backbone(cfg, SimMIM(cfg.model).backbone)
+    assert count_parameters(ft) + ft.num_features * 1000 + 1000 == params
