@@ -19,10 +19,9 @@ from PIL import Image, ImageDraw
 from densecl.loss import dense_correspondence
 from densecl.train import Config, build
 from shared import checkpoint as ckpt
-from shared.config import from_dict
 from shared.data.augment import MultiView, to_pil
 from shared.data.loader import build_image_dataset
-from shared.errors import UserError, cli_main
+from shared.errors import cli_main
 
 
 def draw_pair(v1: Image.Image, v2: Image.Image, match: torch.Tensor, grid: tuple[int, int], gap: int) -> Image.Image:
@@ -62,16 +61,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="", help="PNG path (default: matches.png next to the checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=...")
     a = p.parse_args(argv)
-    state = ckpt.load(a.checkpoint)
-    if "model" not in state or "config" not in state:
-        raise UserError(f"{a.checkpoint}: not a training checkpoint of ours (no model/config); pass a last.pt")
-    cfg = from_dict(Config, state["config"], a.overrides)
-    model = build(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise UserError(f"{a.checkpoint}: not a DenseCL checkpoint ({str(exc).splitlines()[0]})") from None
-    model.eval()
+    cfg, model = ckpt.load_trained_model(a.checkpoint, Config, build, a.overrides, "DenseCL")
     dataset = build_image_dataset(cfg.data, a.split)
     views = MultiView(cfg.aug.views)
     v1cfg, v2cfg = cfg.aug.views[0], cfg.aug.views[-1]

@@ -94,3 +94,19 @@ def export_backbone(model: nn.Module, path: str | Path) -> Path:
     loads it with `strict=False` missing only `fc.weight` and `fc.bias`."""
     sd = {k: v.detach().cpu().clone() for k, v in unwrap(model).backbone.state_dict().items()}
     return save_atomic(sd, path)
+
+
+def load_trained_model(path: str | Path, config_cls, build: Callable, overrides=(), method: str = "model"):
+    """(config, model in eval mode) from one of our training checkpoints (`last.pt`: model + config),
+    the config read back as `config_cls` with `key=value` overrides; one error line otherwise."""
+    from shared.config import from_dict
+    state = load(path)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path}: not a training checkpoint of ours (no model/config); pass a last.pt")
+    cfg = from_dict(config_cls, state["config"], list(overrides))
+    model = build(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: not a {method} checkpoint ({str(exc).splitlines()[0]})") from None
+    return cfg, model.eval()

@@ -17,10 +17,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from shared import checkpoint as ckpt
-from shared.config import from_dict
 from shared.data.augment import to_pil
 from shared.data.loader import build_image_dataset
-from shared.errors import UserError, cli_main
+from shared.errors import cli_main
 from simmim.loss import masked_l1_loss, pixel_mask
 from simmim.train import Config, build
 from simmim.model import make_transform
@@ -38,16 +37,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="", help="PNG path (default: reconstruction.png next to the checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=...")
     a = p.parse_args(argv)
-    state = ckpt.load(a.checkpoint)
-    if "model" not in state or "config" not in state:
-        raise UserError(f"{a.checkpoint}: not a training checkpoint of ours (no model/config); pass a last.pt")
-    cfg = from_dict(Config, state["config"], a.overrides)
-    model = build(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise UserError(f"{a.checkpoint}: not a SimMIM checkpoint ({str(exc).splitlines()[0]})") from None
-    model.eval()
+    cfg, model = ckpt.load_trained_model(a.checkpoint, Config, build, a.overrides, "SimMIM")
     transform = make_transform(cfg, model)
     dataset = build_image_dataset(cfg.data, a.split)
     xs, masks = [], []
