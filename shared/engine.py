@@ -266,7 +266,7 @@ def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], meth
     the model's token grid)."""
     from shared.data.augment import MultiView
     from shared.data.loader import build_image_dataset
-    from shared.eval import evaluate_after_training
+    from shared.eval import check_feature_blocks, evaluate_after_training
 
     if cfg.eval.after_train and cfg.data.source == "images":
         raise ConfigError(f"eval.after_train={list(cfg.eval.after_train)} needs class labels and data.source=images "
@@ -280,6 +280,8 @@ def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], meth
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     transform = make_transform(cfg, model) if make_transform is not None else MultiView(cfg.aug.views)
+    if cfg.eval.after_train:
+        check_feature_blocks(cfg, model.backbone)
     dist.print0(environment_line(device))
     result = fit(cfg, model, dataset, transform, method=method)
     if dist.is_main():

@@ -246,13 +246,21 @@ def test_tiny_run_and_one_line_errors(tmp_path):
     common = ["simmim/train.py", "--config", str(CONFIGS / "demo.yaml"), "data.synthetic.length=64",
               "data.synthetic.val_length=32", "data.workers=0", "model.backbone.kwargs.depth=1",
               "model.backbone.kwargs.embed_dim=24", "train.batch_size=16", "train.epochs=1",
-              "train.tensorboard=false", "eval.after_train=[knn]", "eval.compare_random_init=false"]
+              "train.tensorboard=false", "eval.after_train=[knn]", "eval.compare_random_init=false",
+              "eval.knn.block=1"]
     r = run_cli([*common, f"train.out_dir={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
     sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
     assert "mask_token" not in sd and "rel_pos_bias.relative_position_bias_table" in sd
+    r = run_cli(["simmim/show_reconstruction.py", str(tmp_path / "last.pt"), "--images", "2"])
+    assert r.returncode == 0 and "masked-pixel L1" in r.stdout, r.stderr[-2000:]
+    with Image.open(tmp_path / "reconstruction.png") as img:        # 4 panels of 128 px, 2 rows
+        assert img.size == (4 * 128 + 3 * 8, 18 + 2 * 128 + 8)
     r = run_cli([*common, f"train.out_dir={tmp_path / 'b'}", "model.mask_patch_size=12"])
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: model.mask_patch_size=12")
+    r = run_cli([*common, f"train.out_dir={tmp_path / 'd'}", "eval.knn.block=2"])
+    assert r.returncode == 2 and "error: eval.knn.block=2: expected a block of the ViT, 1..1" in r.stderr
+    assert not (tmp_path / "d" / "last.pt").exists()                         # refused before training
     two = ["aug.views=[{size: 32}, {size: 32}]"]
     r = run_cli([*common, f"train.out_dir={tmp_path / 'c'}", *two])
     assert r.returncode == 2 and "aug.views: SimMIM takes exactly one view" in r.stderr

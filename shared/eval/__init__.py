@@ -25,13 +25,23 @@ TABLE_COLUMNS = {"knn": ("top1", "knn top-1"), "linear": ("top1", "linear top-1"
                  "finetune": ("top1", "finetune top-1"), "seg": ("miou", "seg mIoU")}
 
 
+def check_feature_blocks(cfg: RunConfig, backbone: nn.Module) -> None:
+    """Stop before training when the `eval.knn.block` / `eval.linear.block` of an evaluation in
+    `eval.after_train` name a block the backbone lacks."""
+    from shared.eval.linear import BlockFeatures
+    for what, block in (("knn", cfg.eval.knn.block), ("linear", cfg.eval.linear.block)):
+        if block and what in cfg.eval.after_train:
+            key = f"eval.{what}.block"
+            BlockFeatures(backbone, block, key)
+
+
 def knn_eval(cfg: RunConfig, backbone: nn.Module, train_set, val_set) -> Dict[str, float]:
     _, device = dist.init(cfg.train.device)
     ec = cfg.eval
     tf = eval_transform(ec.image_size, ec.resize, ec.interpolation, ec.mean, ec.std)
     if ec.knn.block:
         from shared.eval.linear import BlockFeatures
-        backbone = BlockFeatures(backbone, ec.knn.block)
+        backbone = BlockFeatures(backbone, ec.knn.block, "eval.knn.block")
     backbone = backbone.to(device).eval()
     dtype = autocast_dtype(cfg.train.amp, device)
     tr_f, tr_y = extract(backbone, train_set, tf, ec.knn.batch_size, device, cfg.data.workers, dtype)

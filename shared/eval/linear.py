@@ -130,12 +130,12 @@ class BlockFeatures(nn.Module):
     """`backbone`'s patch tokens after block `block` (1-based), averaged: (N, width). For probing an
     intermediate layer, as SimMIM probes ViT-B at its 8th block (no class token, no final norm)."""
 
-    def __init__(self, backbone: nn.Module, block: int):
+    def __init__(self, backbone: nn.Module, block: int, key: str = "eval.linear.block"):
         super().__init__()
         depth = len(getattr(backbone, "blocks", ()))
         if not 1 <= block <= depth:
-            raise ConfigError(f"eval.linear.block={block}: expected a block of the ViT, 1..{depth}"
-                              if depth else f"eval.linear.block={block} needs a ViT backbone (with `blocks`)")
+            raise ConfigError(f"{key}={block}: expected a block of the ViT, 1..{depth}"
+                              if depth else f"{key}={block} needs a ViT backbone (with `blocks`)")
         self.backbone, self.block = backbone, block
         self.out_dim = backbone.num_features
 
