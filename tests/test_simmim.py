@@ -267,7 +267,7 @@ def test_tiny_run_and_one_line_errors(tmp_path):
 
 
 def test_recipes_load_and_name_a_supported_backbone():
-    for name in ("swin_base_100ep", "swin_base_800ep", "swin_large_800ep", "vit_base_800ep", "demo"):
+    for name in ("swin_base_100ep", "swin_base_800ep", "swin_large_800ep", "vit_base_800ep", "demo", "demo_swin"):
         cfg = recipe(name)
         assert cfg.model.mask_patch_size in (32, 8) and cfg.model.mask_ratio == 0.6
         assert cfg.aug.views[0].crop_scale == [0.67, 1.0] and cfg.aug.views[0].order == ["crop", "flip"]
