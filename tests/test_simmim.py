@@ -270,7 +270,7 @@ def test_recipes_load_and_name_a_supported_backbone():
     for name in ("swin_base_100ep", "swin_base_800ep", "swin_large_800ep", "vit_base_800ep", "demo", "demo_swin"):
         cfg = recipe(name)
         assert cfg.model.mask_patch_size in (32, 8) and cfg.model.mask_ratio == 0.6
-        assert cfg.aug.views[0].crop_scale == [0.67, 1.0] and cfg.aug.views[0].order == ["crop", "flip"]
+        assert list(cfg.aug.views[0].crop_scale) == [0.67, 1.0] and list(cfg.aug.views[0].order) == ["crop", "flip"]
     with pytest.raises(ConfigError, match="SimMIM takes a timm Swin"):
         SimMIM(SimMIMModelConfig(backbone=BackboneConfig(name="resnet18")))
 

@@ -135,8 +135,8 @@ def test_what_cannot_be_converted_fails_with_one_clear_line(r50, r18, tmp_path, 
     assert e.value.code == 2 and "detectron2 reads converted weights from a .pkl file" in capsys.readouterr().err
     r = run_cli(["-m", "shared.transfer.convert", str(bad), "--to", "mmseg", "--out", str(tmp_path / "x.pth")])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: {bad}: not a torchvision ResNet (conv1.weight, layer1.0.*) nor a timm ViT (patch_embed.proj.weight, "
-        "blocks.0.attn.qkv.*); its keys begin ['features.0.weight']"]
+        f"error: {bad}: not a torchvision ResNet (conv1.weight, layer1.0.*), a timm ViT (patch_embed.proj.weight, "
+        "blocks.0.attn.qkv.*) nor a timm Swin (layers.0.blocks.0.*); its keys begin ['features.0.weight']"]
     assert not (tmp_path / "x.pth").exists()
 
 
