@@ -41,6 +41,8 @@ class DenseCLModelConfig(ModelConfig):
     temperature: float = 0.2
     loss_lambda: float = 0.5      # weight of the dense loss; 0 with neck mocov2
     lambda_warmup_steps: int = 0  # the official DenseCLWarmupHook (off in every shipped config): λ = 0 before this step
+    bn_splits: int = 1            # >1: BatchNorm over groups of batch / bn_splits images, keys shuffled across the
+                                  # groups: the per-GPU BN and shuffle-BN of a bn_splits-GPU run, in each process
 
 
 def openselfsup_resnet_init(resnet: nn.Module, zero_init_residual: bool) -> None:
@@ -99,6 +101,12 @@ class DenseCL(nn.Module):
         if not isinstance(self.backbone, ResNet):
             raise ConfigError(f"model.backbone.name: DenseCL takes a torchvision ResNet, got {cfg.backbone.name}")
         openselfsup_resnet_init(self.backbone, cfg.backbone.zero_init_residual)
+        local_batch = global_batch // dist.world_size()
+        if cfg.bn_splits < 1 or local_batch % cfg.bn_splits:
+            raise ConfigError(f"model.bn_splits={cfg.bn_splits} must be a positive divisor of the per-process batch "
+                              f"{local_batch} (train.batch_size={global_batch} over {dist.world_size()} process(es))")
+        self.bn_splits = cfg.bn_splits
+        self.backbone = dist.convert_split_batchnorm(self.backbone, cfg.bn_splits)
         dense = cfg.neck == "densecl"
         if not dense and cfg.loss_lambda != 0:
             raise ConfigError(f"model.loss_lambda={cfg.loss_lambda}: the mocov2 neck has no dense branch; set it to 0")
@@ -131,11 +139,18 @@ class DenseCL(nn.Module):
         """(k_map, k, k_grid, k_pool) of the momentum encoder, computed on a shuffled batch and
         returned in the caller's order; the map is l2-normalised over channels, the rest too."""
         x, inverse = dist.shuffle_batch(x)
+        # with bn_splits, also within the process: each BN group of keys mixes images of several query groups
+        local = torch.randperm(x.shape[0], device=x.device) if self.bn_splits > 1 else None
+        if local is not None:
+            x = x[local]
         fmap = self.c5(self.momentum_backbone, x)
         k, k_grid, k_pool = self.momentum_neck(fmap)
         outs = [F.normalize(fmap.flatten(2).float(), dim=1), F.normalize(k.float(), dim=1)]
         if k_grid is not None:
             outs += [F.normalize(k_grid.float(), dim=1), F.normalize(k_pool.float(), dim=1)]
+        if local is not None:
+            back = torch.argsort(local)
+            outs = [t[back] for t in outs]
         return tuple(dist.unshuffle_batch(t, inverse) for t in outs)
 
     @torch.no_grad()

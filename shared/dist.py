@@ -10,6 +10,7 @@ from typing import List, Mapping, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from shared.errors import UserError
 from shared.numerics import at_least_fp32
@@ -272,10 +273,16 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
 
 def _convert_global(module: nn.Module) -> nn.Module:
+    return _replace_batchnorm(module, GlobalBatchNorm, lambda bn: GlobalBatchNorm(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats))
+
+
+def _replace_batchnorm(module: nn.Module, cls: type, make) -> nn.Module:
+    """`module` with every BatchNorm that is not a `cls` replaced by `make(bn)`, which shares the
+    old layer's parameters and buffers (same names: state dicts are unchanged)."""
     out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+        out = make(module)
         if module.affine:
             with torch.no_grad():
                 out.weight = module.weight
@@ -286,5 +293,52 @@ def _convert_global(module: nn.Module) -> nn.Module:
             out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, _convert_global(child))
+        out.add_module(name, _replace_batchnorm(child, cls, make))
     return out
+
+
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm that, in training, normalises each of `splits` groups of the batch with the group's
+    own statistics: the per-GPU BatchNorm of a `splits`-GPU run, simulated in one process (the MoCo
+    authors' CIFAR demo does the same). Sample i belongs to group i mod splits. The running estimates
+    move by the mean of the groups' updates. In eval mode it is a plain BatchNorm."""
+
+    def __init__(self, num_features: int, splits: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.splits = splits
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x):
+        if not self.training or self.splits == 1:
+            return super().forward(x)
+        if self.momentum is None:
+            raise NotImplementedError("SplitBatchNorm needs a momentum value")
+        n, c, g = x.shape[0], x.shape[1], self.splits
+        if n % g:
+            raise ValueError(f"SplitBatchNorm: a batch of {n} does not split into {g} equal groups")
+        # (n, c, ...) -> (n / g, g * c, ...): channel block j holds the samples j, j + g, j + 2g, ...
+        grouped = x.reshape(n // g, g * c, *x.shape[2:])
+        stats = None
+        if self.track_running_stats:
+            stats = (self.running_mean.repeat(g), self.running_var.repeat(g))
+        weight = self.weight.repeat(g) if self.affine else None
+        bias = self.bias.repeat(g) if self.affine else None
+        out = F.batch_norm(grouped, *(stats or (None, None)), weight, bias, True, self.momentum, self.eps)
+        if stats is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                self.running_mean.copy_(stats[0].view(g, c).mean(0))
+                self.running_var.copy_(stats[1].view(g, c).mean(0))
+        return out.reshape(x.shape)
+
+
+def convert_split_batchnorm(module: nn.Module, splits: int) -> nn.Module:
+    """Every BatchNorm of `module` as a `SplitBatchNorm` over `splits` groups (1: unchanged)."""
+    if splits == 1:
+        return module
+    return _replace_batchnorm(module, SplitBatchNorm, lambda bn: SplitBatchNorm(
+        bn.num_features, splits, bn.eps, bn.momentum, bn.affine, bn.track_running_stats))

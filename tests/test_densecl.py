@@ -4,6 +4,7 @@ the momentum encoder really computing the keys, shuffle-BN inverted exactly, rec
 the unlabelled-images source, and the correspondence picture."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from densecl.loss import dense_correspondence, dense_loss, densecl_loss, info_nce
 from densecl.model import DenseCL, DenseCLModelConfig, Neck
 from densecl.train import Config
+from shared import dist
 from shared.config import BackboneConfig, build_config
 from shared.engine import StepContext
 from shared.errors import ConfigError
@@ -305,3 +307,61 @@ def test_unlabelled_images_source(tmp_path):
                  "eval.after_train=[knn]", f"train.out_dir={tmp_path / 'run'}"])
     assert r.returncode != 0 and "needs class labels" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------- per-GPU BN in one process
+def test_split_batchnorm_normalises_each_group_with_its_own_statistics():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    split = dist.convert_split_batchnorm(copy.deepcopy(bn), 4)
+    assert isinstance(split, dist.SplitBatchNorm) and split.state_dict().keys() == bn.state_dict().keys()
+    x = torch.randn(8, 3, 5, 5, requires_grad=True) * 3 + 1
+    out = split(x)
+    # reference: group j holds samples j and j + 4; each normalised alone (biased variance)
+    expect = torch.empty_like(out)
+    means, vars_ = [], []
+    for j in range(4):
+        xs = x[j::4]
+        mean, var = xs.mean((0, 2, 3)), xs.var((0, 2, 3), unbiased=False)
+        expect[j::4] = ((xs - mean.view(1, 3, 1, 1)) / torch.sqrt(var.view(1, 3, 1, 1) + 1e-5)
+                        * bn.weight.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1))
+        means.append(mean)
+        vars_.append(xs.var((0, 2, 3), unbiased=True))
+    assert torch.allclose(out, expect, atol=1e-5)
+    g1, = torch.autograd.grad(out.square().sum(), x)
+    g2, = torch.autograd.grad(expect.square().sum(), x)
+    assert torch.allclose(g1, g2, atol=1e-4)
+    assert torch.allclose(split.running_mean, 0.9 * torch.zeros(3) + 0.1 * torch.stack(means).mean(0), atol=1e-6)
+    assert torch.allclose(split.running_var, 0.9 * torch.ones(3) + 0.1 * torch.stack(vars_).mean(0), atol=1e-5)
+    split.eval()
+    bn.load_state_dict(split.state_dict())
+    bn.eval()
+    assert torch.equal(split(x), bn(x))          # eval: a plain BatchNorm
+    with pytest.raises(ValueError, match="6 does not split into 4"):
+        split.train()(torch.randn(6, 3, 2, 2))
+
+
+def test_bn_splits_keys_are_shuffled_across_groups_and_returned_in_order():
+    model = tiny_model(batch=4, bn_splits=2)
+    assert all(isinstance(m, dist.SplitBatchNorm) for m in model.momentum_backbone.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    x = torch.randn(4, 3, 64, 64)
+    torch.manual_seed(3)
+    k_map, k, k_grid, k_pool = model.keys(x)
+    # reference: the same permutation, the key encoder on the permuted batch, rows put back
+    torch.manual_seed(3)
+    perm = torch.randperm(4)
+    ref = copy.deepcopy(model.momentum_backbone)
+    fmap = ref.forward_intermediates(x[perm], [3])[0]
+    fmap_back = fmap[torch.argsort(perm)]
+    assert torch.allclose(k_map, F.normalize(fmap_back.flatten(2), dim=1), atol=1e-5)
+    assert not torch.equal(perm, torch.arange(4))
+    # with other groups than the unshuffled batch's ({0, 2}, {1, 3}) the keys differ
+    if set(perm[::2].tolist()) not in ({0, 2}, {1, 3}):
+        plain = copy.deepcopy(model.momentum_backbone).forward_intermediates(x, [3])[0]
+        assert not torch.allclose(fmap_back, plain, atol=1e-3)
+    with pytest.raises(ConfigError, match="bn_splits=3 must be a positive divisor of the per-process batch 4"):
+        tiny_model(batch=4, bn_splits=3)
