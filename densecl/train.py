@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from densecl.model import DenseCL, DenseCLModelConfig
 from shared.config import RunConfig, load_config
 from shared.engine import pretrain
-from shared.errors import cli_main
+from shared.errors import ConfigError, cli_main
 
 
 @dataclass
@@ -15,6 +15,9 @@ class Config(RunConfig):
 
 
 def build(cfg: Config) -> DenseCL:
+    if cfg.model.bn_splits > 1 and cfg.train.sync_bn:
+        raise ConfigError(f"model.bn_splits={cfg.model.bn_splits} asks for per-group BatchNorm and train.sync_bn=true "
+                          "for BatchNorm over the global batch: set one of them off")
     return DenseCL(cfg.model, cfg.train.batch_size)   # the engine has resolved the global batch
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from densecl.loss import dense_correspondence, dense_loss, densecl_loss, info_nce
 from densecl.model import DenseCL, DenseCLModelConfig, Neck
-from densecl.train import Config
+from densecl.train import Config, build
 from shared import dist
 from shared.config import BackboneConfig, build_config
 from shared.engine import StepContext
@@ -365,3 +365,9 @@ def test_bn_splits_keys_are_shuffled_across_groups_and_returned_in_order():
         assert not torch.allclose(fmap_back, plain, atol=1e-3)
     with pytest.raises(ConfigError, match="bn_splits=3 must be a positive divisor of the per-process batch 4"):
         tiny_model(batch=4, bn_splits=3)
+
+
+def test_bn_splits_and_sync_bn_together_are_a_config_error():
+    cfg = recipe("demo", "model.bn_splits=4", "train.sync_bn=true")
+    with pytest.raises(ConfigError, match="model.bn_splits=4 asks for per-group BatchNorm and train.sync_bn=true"):
+        build(cfg)
