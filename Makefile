@@ -18,11 +18,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) barlow/train.py --config barlow/configs/demo.yaml
 
-# pytest exits 5 when it collects nothing: that is a failure here, never a pass.
+# Two parts, both always run: every test except the learning ones in two pytest-xdist workers side
+# by side (one thread each: most of these tests start processes and import torch, which one worker
+# alone leaves a core idle for), then the learning tests (short pretrainings, whose margins were
+# measured with two threads) alone. pytest exits 5 when it collects nothing: a failure here, never a pass.
+LEARNING_TESTS := tests/test_learning.py
 test: $(STAMP)
-	@$(PY) -m pytest -q tests; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
-	exit $$rc
+	@fail=0; \
+	for part in "-n 2 --dist loadgroup --ignore $(LEARNING_TESTS) tests" "$(LEARNING_TESTS)"; do \
+		$(PY) -m pytest -q $$part; rc=$$?; \
+		if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests in: $$part" >&2; fi; \
+		if [ $$rc -ne 0 ] && [ $$fail -eq 0 ]; then fail=$$rc; fi; \
+	done; exit $$fail
 
 # A separate environment for transfer to detection and segmentation (shared/transfer/README.md):
 # torch 2.8, the last torch that mmcv (the maintained onedl fork) compiles against, with mmengine,

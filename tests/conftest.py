@@ -15,6 +15,12 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
+# `make test` runs the fast tests in two pytest-xdist workers side by side, one thread each (the
+# subprocesses they start inherit OMP_NUM_THREADS), and the learning tests alone with two threads.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if THREADS == 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -74,5 +80,5 @@ def tiny_overrides(tmp_path) -> List[str]:
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     yield

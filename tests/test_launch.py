@@ -165,8 +165,13 @@ def local_run(tmp_path_factory) -> Path:
     return out
 
 
+# both tests below read the module's one local run: under pytest-xdist (`make test`), one worker runs them
+LOCAL_RUN_GROUP = pytest.mark.xdist_group("launch_local_run")
+
+
 @pytest.mark.slow
 @pytest.mark.dist
+@LOCAL_RUN_GROUP
 def test_local_executor_run_matches_torchrun(local_run, tmp_path):
     out = tmp_path / "torchrun"
     r = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -190,6 +195,7 @@ def _task_pids(controller_pid: int) -> list:
 
 @pytest.mark.slow
 @pytest.mark.dist
+@LOCAL_RUN_GROUP
 def test_preempted_local_job_requeues_and_resumes_from_its_last_checkpoint(local_run, tmp_path):
     out = tmp_path / "preempted"
     args = parse_launcher_args(["barlow/train.py", "--local", "--tasks-per-node", "2", "--timeout-min", "10"])
