@@ -4,7 +4,8 @@
         train.batch_size=256 [key=value ...]
 
 Data: `--data synthetic` renders and augments the built-in dataset in DataLoader workers (the
-whole pipeline); `--data tensors` feeds pre-made random views of the recipe's size, so the figure
+whole pipeline); `--data tensors` feeds pre-made random views of the recipe's size (for a method
+with its own transform, such as SimMIM's image + mask, a pool of its outputs), so the figure
 is the model + optimizer step (what a GPU benchmark should isolate). Prints the median images/s
 over the steps after `--warmup`, and the peak GPU memory when on GPU. Runs on any device; quote
 figures with the command and the machine that produced them (see benchmarks/README.md).
@@ -20,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from shared import dist
@@ -40,6 +42,22 @@ class RandomViews(Dataset):
         return [torch.randn(3, s, s) for s in self.sizes], 0
 
 
+class PremadeItems(Dataset):
+    """For methods with their own input transform (SimMIM: image and mask): `pool` items made once
+    by that transform from noise images, then served in turn, so the loader costs next to nothing."""
+
+    def __init__(self, n: int, transform, size: int, pool: int):
+        g = torch.Generator().manual_seed(0)
+        noise = [torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=g) for _ in range(pool)]
+        self.n, self.items = n, [(transform(Image.fromarray(x.numpy())), 0) for x in noise]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return self.items[i % len(self.items)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("method", help="paper folder whose train.py defines Config and build(cfg), e.g. barlow")
@@ -58,14 +76,18 @@ def main() -> None:
     sizes = [v.size for v in cfg.aug.views for _ in range(v.n)]
     cfg.train.epochs = 1
     _, device = dist.init(cfg.train.device)
+    torch.manual_seed(0)
+    model = module.build(cfg)
+    make_transform = getattr(module, "make_transform", None)   # a method's own input pipeline, if it has one
+    transform = make_transform(cfg, model) if make_transform is not None else MultiView(cfg.aug.views)
     if a.data == "synthetic":
         cfg.data.synthetic.length = n
         cfg.data.synthetic.image_size = max(sizes)
-        dataset, transform = build_image_dataset(cfg.data, "train"), MultiView(cfg.aug.views)
+        dataset = build_image_dataset(cfg.data, "train")
+    elif make_transform is not None:
+        dataset, transform = PremadeItems(n, transform, max(sizes), cfg.train.batch_size), None
     else:
         dataset, transform = RandomViews(n, sizes), None
-    torch.manual_seed(0)
-    model = module.build(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fit(cfg, model, dataset, transform, method=f"bench-{a.method}")
