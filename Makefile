@@ -19,8 +19,8 @@ demo: $(STAMP)
 	$(PY) barlow/train.py --config barlow/configs/demo.yaml
 
 # Two parts, both always run: every test except the learning ones in two pytest-xdist workers side
-# by side (one thread each: most of these tests start processes and import torch, which one worker
-# alone leaves a core idle for), then the learning tests (short pretrainings, whose margins were
+# by side (one thread each: most of these tests start processes and import torch, and run in one
+# process they left a core idle), then the learning tests (short pretrainings, whose margins were
 # measured with two threads) alone. pytest exits 5 when it collects nothing: a failure here, never a pass.
 LEARNING_TESTS := tests/test_learning.py
 test: $(STAMP)
