@@ -43,14 +43,14 @@ def test_mocov3_demo_beats_random_init_on_knn(tmp_path):
 
 
 @pytest.mark.slow
-def test_densecl_demo_beats_random_init_on_the_segmentation_probe(tmp_path):
-    # the DenseCL demo recipe with 5 epochs instead of 12 and without kNN (about 1.5 minutes on 2
-    # cores). Measured on this machine: segmentation probe on C4, mIoU 37.35 vs 29.59 (8 epochs:
-    # 37.5; the full demo: 38.4). kNN is not asserted: at this budget DenseCL does not beat random
-    # init on kNN (63.9 vs 82.0 for the full demo; see densecl/README.md).
-    pre, rnd = demo_results("densecl", tmp_path, "train.epochs=5", "eval.after_train=[seg]")
+def test_densecl_demo_beats_random_init_on_knn_and_the_segmentation_probe(tmp_path):
+    # the DenseCL demo recipe as shipped (about 4.5 minutes on 2 cores). Measured on this machine:
+    # kNN 98.05 vs 95.90 for random init, segmentation probe on C4 mIoU 64.02 vs 43.12. The kNN margin
+    # is the thinnest of three seeds (train.seed=1: 99.22 vs 94.73; train.seed=2: 99.80 vs 94.14).
+    pre, rnd = demo_results("densecl", tmp_path)
     res = {"pretrained": pre, "random_init": rnd}
-    assert pre["seg"]["miou"] >= rnd["seg"]["miou"] + 5.0, res
+    assert pre["knn"]["top1"] >= rnd["knn"]["top1"] + 1.0, res
+    assert pre["seg"]["miou"] >= rnd["seg"]["miou"] + 10.0, res
 
 
 @pytest.mark.slow
