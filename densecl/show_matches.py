@@ -5,8 +5,8 @@ online encoder for view 1, momentum encoder for view 2, as in training).
     python densecl/show_matches.py runs/densecl/demo/last.pt [--pairs 4] [--split val] [--out FILE]
 
 Writes `matches.png` next to the checkpoint: one row per image, view 1 left, view 2 right, the C5
-grid drawn over both, and a line from every query cell to its matched key cell (one colour per
-query cell)."""
+grid drawn over both, and a curve from every query cell to its matched key cell (one colour per
+query cell; curved so that matches along one grid row do not overlap)."""
 from __future__ import annotations
 
 import argparse
@@ -24,8 +24,17 @@ from shared.data.loader import build_image_dataset
 from shared.errors import cli_main
 
 
+def arc(a: tuple[float, float], b: tuple[float, float], bow: float = 0.2, n: int = 24) -> list[tuple[float, float]]:
+    """Points of a quadratic curve from a to b that bows sideways by `bow` x its length, so that matches
+    along one grid row (which would draw as overlapping straight lines) stay apart."""
+    (ax, ay), (bx, by) = a, b
+    cx, cy = (ax + bx) / 2 + bow * (ay - by), (ay + by) / 2 - bow * (bx - ax)
+    return [((1 - t) ** 2 * ax + 2 * t * (1 - t) * cx + t * t * bx, (1 - t) ** 2 * ay + 2 * t * (1 - t) * cy + t * t * by)
+            for t in (j / n for j in range(n + 1))]
+
+
 def draw_pair(v1: Image.Image, v2: Image.Image, match: torch.Tensor, grid: tuple[int, int], gap: int) -> Image.Image:
-    """v1 | gap | v2 with the grid on both and a line per query cell to its matched key cell."""
+    """v1 | gap | v2 with the grid on both and a curve per query cell to its matched key cell."""
     w, h = v1.size
     canvas = Image.new("RGB", (2 * w + gap, h), "white")
     canvas.paste(v1, (0, 0))
@@ -45,7 +54,7 @@ def draw_pair(v1: Image.Image, v2: Image.Image, match: torch.Tensor, grid: tuple
     for i in range(cells):
         colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / cells, 0.9, 1.0))
         a, b = centre(i, 0), centre(int(match[i]), w + gap)
-        d.line([a, b], fill=colour, width=2)
+        d.line(arc(a, b), fill=colour, width=2)
         for (x, y) in (a, b):
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
     return canvas
