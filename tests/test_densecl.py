@@ -293,6 +293,17 @@ def test_demo_recipe_runs_and_the_picture_is_written(tmp_path):
     assert img.size[0] > 2 * 64 and img.size[1] >= 2 * 64
 
 
+def test_match_curves_join_the_cell_centres_and_bow_apart():
+    from densecl.show_matches import arc
+    a, b = (10.0, 50.0), (110.0, 50.0)                # two cells on one grid row, 100 px apart
+    pts = arc(a, b, bow=0.2)
+    assert pts[0] == pytest.approx(a) and pts[-1] == pytest.approx(b)
+    # the quadratic curve's midpoint lies half the control offset (0.2 x 100 px) off the straight line
+    assert pts[len(pts) // 2] == pytest.approx((60.0, 40.0))
+    # a shorter match along the same row bows less, so the two no longer overlap
+    assert arc(a, (60.0, 50.0), bow=0.2)[12][1] == pytest.approx(45.0)
+
+
 def test_unlabelled_images_source(tmp_path):
     from PIL import Image
     from shared.config import DataConfig
