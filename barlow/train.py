@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from barlow.model import BarlowModelConfig, BarlowTwins
 from shared.config import RunConfig, load_config
-from shared.engine import pretrain
+from shared.pretrain import pretrain
 from shared.errors import cli_main
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from densecl.model import DenseCL, DenseCLModelConfig
 from shared.config import RunConfig, load_config
-from shared.engine import pretrain
+from shared.pretrain import pretrain
 from shared.errors import ConfigError, cli_main
 
 

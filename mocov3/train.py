@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from mocov3.model import MoCoV3, MoCoV3ModelConfig
 from shared.config import RunConfig, load_config
-from shared.engine import pretrain
+from shared.pretrain import pretrain
 from shared.errors import cli_main
 
 

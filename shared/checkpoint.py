@@ -2,7 +2,9 @@
 and export of the backbone alone in its library's key names (torchvision for ResNets)."""
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -10,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
-from shared.errors import UserError
+from shared.errors import UserError, first_line
 
 LAST = "last.pt"
 BACKBONE = "backbone.pt"
@@ -60,7 +62,50 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated file, a pickle with arbitrary objects, ...
-        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
+
+
+# What a detectron2 weights pickle holds besides builtins (dicts, lists, strings, numbers): numpy arrays and
+# their dtypes and scalars, under the module names of NumPy 1.x and 2.x, and OrderedDict.
+PICKLE_GLOBALS = frozenset({
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+})
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Resolves only the globals in `PICKLE_GLOBALS` (and NumPy's dtype classes such as
+    `numpy.dtypes.Float32DType`): a pickle that names anything else (os.system, builtins.eval, a
+    class whose __reduce__ runs code) is refused before any of it is called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in PICKLE_GLOBALS or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise RefusedGlobal(f"{module}.{name}")
+
+
+def load_pickle(path: str | Path, what: str = "pickle", kind: str = "readable pickle", hint: str = "") -> Any:
+    """A plain-data pickle (detectron2 weights: dicts of numpy arrays) read without running any code from
+    it; one error line naming the file and the refused global otherwise (`hint` ends the other errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path}: file not found")
+    data = path.read_bytes()
+    try:
+        return _DataUnpickler(io.BytesIO(data)).load()
+    except RefusedGlobal as exc:
+        raise UserError(f"{what} {path}: refused to load: it names {exc}, which a weights file has no use "
+                        f"for (only dicts, lists, strings, numbers and numpy arrays are read)") from None
+    except Exception as exc:  # a torch zip file, a truncated pickle, ...
+        first = first_line(exc)
+        raise UserError(f"{what} {path}: not a {kind} ({type(exc).__name__}: {first})"
+                        + (f"; {hint}" if hint else "")) from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -108,5 +153,5 @@ def load_trained_model(path: str | Path, config_cls, build: Callable, overrides=
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise UserError(f"{path}: not a {method} checkpoint ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a {method} checkpoint ({first_line(exc)})") from None
     return cfg, model.eval()

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -326,7 +326,7 @@ def _rephrase(exc: OmegaConfBaseException, source: str, instance: Any) -> Config
     key = getattr(exc, "full_key", None) or "?"
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         return _unknown_key(key, source, instance)
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = first_line(exc)
     return ConfigError(f"bad value for config key '{key}' in {source}: {first}")
 
 

@@ -10,13 +10,9 @@ stops on a non-finite loss, naming the step and the last good checkpoint.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
 import shutil
-import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +26,7 @@ from shared import checkpoint as ckpt
 from shared import dist
 from shared.config import RunConfig, TrainConfig, to_dict, to_yaml
 from shared.data.loader import GlobalBatchSampler, SeededDataset, make_loader, sample_seed
-from shared.errors import ConfigError, TrainingError, UserError
+from shared.errors import ConfigError, TrainingError, UserError, first_line
 from shared.logging import MetricLogger, Throughput
 from shared.optim import apply_schedule, build_optimizer, ema_momentum, param_groups
 
@@ -53,9 +49,6 @@ class FitResult:
     out_dir: Path
     steps: int
     last_checkpoint: Optional[Path]
-
-
-DONE = "done.json"   # written by `pretrain` once training, export and evaluation have finished
 
 
 def output_dir(cfg: RunConfig, method: str) -> Path:
@@ -139,7 +132,7 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(f"checkpoint {last} does not match this model/optimizer "
-                            f"({str(exc).splitlines()[0]}); use another train.out_dir or train.resume=false") from None
+                            f"({first_line(exc)}); use another train.out_dir or train.resume=false") from None
         for g, fresh in zip(optimizer.param_groups, groups):  # the config's lr / wd win over stored ones
             g["peak_lr"], g["base_wd"] = fresh["peak_lr"], fresh["base_wd"]
         if state.get("scaler") and scaler.is_enabled():
@@ -251,47 +244,3 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
     finally:
         logger.close()
     return FitResult(model=ckpt.unwrap(model), out_dir=out_dir, steps=step, last_checkpoint=last_saved)
-
-
-def environment_line(device: torch.device) -> str:
-    return (f"python {platform.python_version()}, torch {torch.__version__}, device {device}, "
-            f"{dist.world_size()} process(es), argv: {' '.join(sys.argv)}")
-
-
-def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], method: str,
-             make_transform: Optional[Callable[[RunConfig, nn.Module], Callable]] = None) -> Dict[str, Any]:
-    """What every paper's `train.py` calls: build the multi-view dataset from `cfg.data`/`cfg.aug`,
-    train with `fit`, export the backbone, then run the evaluations listed in `cfg.eval.after_train`.
-    `make_transform(cfg, model)` replaces the multi-view transform (SimMIM: one view and a mask on
-    the model's token grid)."""
-    from shared.data.augment import MultiView
-    from shared.data.loader import build_image_dataset
-    from shared.eval import check_feature_blocks, evaluate_after_training
-
-    if cfg.eval.after_train and cfg.data.source == "images":
-        raise ConfigError(f"eval.after_train={list(cfg.eval.after_train)} needs class labels and data.source=images "
-                          "has none: set eval.after_train=[] and evaluate the checkpoint on a labelled set")
-    _, device = dist.init(cfg.train.device)
-    cfg.train.batch_size = global_batch(cfg.train, dist.world_size())   # before the model reads it
-    if dist.is_main():
-        (output_dir(cfg, method) / DONE).unlink(missing_ok=True)          # this run is not finished
-    t0 = time.time()
-    dataset = build_image_dataset(cfg.data, "train")
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
-    transform = make_transform(cfg, model) if make_transform is not None else MultiView(cfg.aug.views)
-    if cfg.eval.after_train:
-        check_feature_blocks(cfg, model.backbone)
-    dist.print0(environment_line(device))
-    result = fit(cfg, model, dataset, transform, method=method)
-    if dist.is_main():
-        ckpt.export_backbone(result.model, result.out_dir / ckpt.BACKBONE)
-    dist.barrier()
-    dist.print0(f"pretraining done in {time.time() - t0:.0f} s: {result.out_dir / ckpt.LAST}, "
-                f"backbone {result.out_dir / ckpt.BACKBONE}")
-    report: Dict[str, Any] = {"out_dir": str(result.out_dir)}
-    if cfg.eval.after_train:
-        report["eval"] = evaluate_after_training(cfg, result.model.backbone, result.out_dir)
-    if dist.is_main():     # the launcher does not requeue a run that has written this
-        (result.out_dir / DONE).write_text(json.dumps({"steps": result.steps, "time": time.time()}) + "\n")
-    return report

@@ -21,6 +21,15 @@ class TrainingError(UserError):
     """Training cannot continue (e.g. a non-finite loss). The last good checkpoint is kept."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name when it has none
+    (a zero-byte checkpoint makes torch raise errors with an empty message)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing line of an error, also when it was re-raised by a DataLoader worker.
 

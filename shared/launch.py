@@ -42,7 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from shared.config import parse_command_line, build_config, to_yaml
 from shared.dist import DistEnv, port_from_job_id
-from shared.engine import DONE, global_batch, output_dir
+from shared.engine import global_batch, output_dir
+from shared.pretrain import DONE
 from shared.errors import UserError, cli_main
 from shared.optim import scaled_lr
 

@@ -22,7 +22,7 @@ from typing import Dict
 import torch
 
 from shared import checkpoint as ckpt
-from shared.errors import UserError, cli_main
+from shared.errors import UserError, cli_main, first_line
 
 BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     try:
         state = torch.load(a.official, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unreadable input gets one line
-        raise UserError(f"{a.official}: cannot read a checkpoint ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{a.official}: cannot read a checkpoint ({first_line(exc)})") from None
     sd = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(sd, dict) or not sd:
         raise UserError(f"{a.official}: no state dict inside (expected a dict with 'model')")

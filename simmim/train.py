@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.config import RunConfig, load_config
-from shared.engine import pretrain
+from shared.pretrain import pretrain
 from shared.errors import cli_main
 from simmim.model import SimMIM, SimMIMModelConfig, make_transform
 

@@ -58,7 +58,7 @@ from shared import dist
 from shared.config import OptimConfig, RunConfig, ScheduleConfig
 from shared.data.augment import eval_transform
 from shared.engine import autocast_dtype, fit
-from shared.errors import ConfigError, UserError
+from shared.errors import ConfigError, UserError, first_line
 from shared.eval.features import extract
 from shared.eval.knn import topk_accuracy
 from shared.eval.linear import logged_best, same_backbone_as_before
@@ -219,7 +219,7 @@ def finetune_backbone(cfg: RunConfig, backbone: nn.Module) -> nn.Module:
         bb.load_state_dict(sd, strict=False)      # adapt_state_dict checked every key but a new fc_norm
     except (RuntimeError, UserError) as exc:
         raise UserError(f"fine-tuning: the backbone does not match model.backbone.name={bc.name} "
-                        f"({str(exc).splitlines()[0]})") from None
+                        f"({first_line(exc)})") from None
     for note in notes:
         dist.print0(f"fine-tuning: {note}")
     return bb.requires_grad_(True)

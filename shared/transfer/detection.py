@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import socket
 import statistics
@@ -55,7 +54,7 @@ import torch
 
 from shared import checkpoint as ckpt
 from shared.dist import env_from_environ
-from shared.errors import UserError, cli_main
+from shared.errors import UserError, cli_main, first_line
 
 EXTRA_NORM_HEAD = "Res5ROIHeadsExtraNorm"          # the name MoCo's detection configs use
 SYNTHETIC = ("synthetic_train", "synthetic_val")   # registered from --data-root
@@ -215,12 +214,9 @@ def check_datasets(cfg, data_root: Optional[str]) -> None:
 def read_weights(path: str | Path) -> Dict[str, object]:
     """The `model` dict of a detectron2 weights pickle, or a one-line error saying how to make one."""
     hint = "make one with: python -m shared.transfer.convert <checkpoint> --to detectron2 --out r50.pkl"
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-    except Exception as exc:   # a torch zip file, a truncated pickle, ...
-        raise UserError(f"--weights {path}: not a detectron2 weights pickle ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); {hint}") from None
+    # restricted to plain data and numpy arrays: detectron2 unpickles the file without limits, so it is
+    # handed the file only after this has read it
+    obj = ckpt.load_pickle(path, "--weights", "detectron2 weights pickle", hint)
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "__author__" in obj):
         raise UserError(f"--weights {path}: not a detectron2 weights pickle (expected a dict with 'model' and "
                         f"'__author__'); {hint}")
@@ -246,7 +242,7 @@ def build_cfg(a: argparse.Namespace, out_dir: Path, seed: int):
     try:
         cfg.merge_from_file(a.config)
     except Exception as exc:   # unknown key, bad _BASE_, yaml syntax
-        raise UserError(f"--config {a.config}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"--config {a.config}: {type(exc).__name__}: {first_line(exc)}") from None
     cfg.MODEL.WEIGHTS = "" if a.weights == "none" else str(Path(a.weights).resolve())
     cfg.OUTPUT_DIR = str(out_dir)
     cfg.SEED = seed
@@ -254,7 +250,7 @@ def build_cfg(a: argparse.Namespace, out_dir: Path, seed: int):
     try:
         cfg.merge_from_list(a.overrides)
     except Exception as exc:
-        raise UserError(f"override: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"override: {type(exc).__name__}: {first_line(exc)}") from None
     cfg.freeze()
     return cfg
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from shared import checkpoint as ckpt
-from shared.errors import UserError, cli_main
+from shared.errors import UserError, cli_main, first_line
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # keys a pretrained backbone file may legitimately lack or carry, per mmseg backbone type
@@ -61,7 +61,7 @@ def load_config(path: str | Path):
     try:
         return Config.fromfile(str(path))
     except Exception as exc:  # syntax error, a missing _base_, a failed custom import
-        raise UserError(f"cannot load config {path}: {str(exc).strip().splitlines()[0]}") from None
+        raise UserError(f"cannot load config {path}: {first_line(exc)}") from None
 
 
 def apply_overrides(cfg, overrides: List[str]) -> None:
