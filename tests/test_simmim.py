@@ -161,6 +161,69 @@ def test_swin_base_shapes_and_parameter_counts():
         assert model.decoder(z).shape == (1, 3, 192, 192)
 
 
+# ------------------------------------------------------------------------------------------- init
+def one_sigma_truncated_std(std: float) -> float:
+    """Standard deviation of N(0, std²) conditioned on |x| <= std: for a standard normal cut to
+    [-1, 1], Var = 1 - 2 phi(1) / (Phi(1) - Phi(-1)), phi the density, Phi(1) - Phi(-1) = erf(1/sqrt 2)."""
+    phi1 = math.exp(-0.5) / math.sqrt(2 * math.pi)
+    return std * math.sqrt(1 - 2 * phi1 / math.erf(1 / math.sqrt(2)))
+
+
+def check_draw(w: torch.Tensor, std: float, bound: float, what: str) -> None:
+    """w looks like n draws of N(0, std'²) cut at ±bound: its root mean square within 5/sqrt(n)
+    (relative; the estimator's relative error is below 0.71/sqrt(n) for any law cut at ±1 sd), every
+    |w| <= bound (up to float rounding), and the largest close to the bound (a tighter cut would fail)."""
+    w = w.detach().double().flatten()
+    rms, top = w.pow(2).mean().sqrt().item(), w.abs().max().item()
+    assert math.isclose(rms, std, rel_tol=5 / math.sqrt(w.numel())), (what, rms, std)
+    assert top <= bound * (1 + 1e-6), (what, top, bound)
+    if w.numel() >= 768:
+        assert top >= 0.98 * bound, (what, top, bound)
+
+
+def check_official_vit_init(model: SimMIM) -> None:
+    """VisionTransformerForSimMIM (models/simmim.py) truncates every `_trunc_normal_` of its BEiT base
+    at ±1 std: class token, mask token, every Linear and the patch Conv2d are N(0, 0.02²) cut to
+    [-0.02, 0.02]; biases 0, LayerNorms 1 / 0, position-bias table, q/v biases 0, layer scale 0.1;
+    then attn.proj and mlp.fc2 of block i (from 1) are divided by sqrt(2 i)."""
+    bb, sd = model.backbone, one_sigma_truncated_std(0.02)
+    assert 0.01078 < sd < 0.01080                                   # not 0.02: 0.54 of it
+    check_draw(bb.cls_token, sd, 0.02, "cls_token")
+    check_draw(model.mask_token, sd, 0.02, "mask_token")
+    check_draw(bb.patch_embed.proj.weight, sd, 0.02, "patch_embed")
+    assert (bb.patch_embed.proj.bias == 0).all()
+    assert (bb.rel_pos_bias.relative_position_bias_table == 0).all()
+    for i, blk in enumerate(bb.blocks, start=1):
+        for name in ("attn.qkv", "mlp.fc1"):
+            check_draw(blk.get_submodule(name).weight, sd, 0.02, f"{i}.{name}")
+        r = math.sqrt(2 * i)
+        for name in ("attn.proj", "mlp.fc2"):
+            check_draw(blk.get_submodule(name).weight, sd / r, 0.02 / r, f"{i}.{name}")
+        for name in ("attn.proj", "mlp.fc1", "mlp.fc2"):
+            assert (blk.get_submodule(name).bias == 0).all()
+        assert (blk.attn.q_bias == 0).all() and (blk.attn.v_bias == 0).all() and blk.attn.qkv.bias is None
+        assert (blk.gamma_1 == 0.1).all() and (blk.gamma_2 == 0.1).all()
+    norms = [m for m in bb.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * len(bb.blocks) + 1
+    assert all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
+    assert model.decoder[0].weight.abs().max() > 0.02              # the head keeps PyTorch's default
+
+
+def test_tiny_vit_init_is_the_official_one_sigma_truncation():
+    torch.manual_seed(0)
+    check_official_vit_init(tiny_vit(embed_dim=48, depth=3, num_heads=2))
+
+
+def test_swin_init_is_not_truncated():
+    """The official Swin keeps timm's trunc_normal_ (bounds ±2, absolute): plain N(0, 0.02²)."""
+    torch.manual_seed(0)
+    model = tiny_swin()
+    w = torch.cat([m.weight.flatten() for m in model.backbone.modules() if isinstance(m, torch.nn.Linear)])
+    assert math.isclose(w.std().item(), 0.02, rel_tol=5 / math.sqrt(w.numel()))
+    assert w.abs().max() > 0.05                                     # 2.5 std: untruncated
+    assert math.isclose(model.mask_token.std().item(), 0.02, rel_tol=0.5)
+
+
 def test_vit_base_shapes_parameter_counts_and_init():
     cfg = recipe("vit_base_800ep")
     torch.manual_seed(0)
@@ -173,9 +236,7 @@ def test_vit_base_shapes_parameter_counts_and_init():
     assert all(blk.attn.relative_position_bias_table is None for blk in bb.blocks)
     assert (bb.blocks[0].gamma_1 == 0.1).all() and (bb.blocks[11].gamma_2 == 0.1).all()
     assert bb.blocks[0].attn.q_bias is not None and bb.blocks[0].attn.v_bias is not None
-    assert model.mask_token.abs().max() <= 0.02                     # truncated at one std
-    w = bb.patch_embed.proj.weight
-    assert abs(w.std().item() - 0.02) < 0.001 and (bb.patch_embed.proj.bias == 0).all()
+    check_official_vit_init(model)
     x = torch.randn(1, 3, 224, 224)
     mask = make_transform(cfg, model).masks()[None]
     assert mask.shape == (1, 14, 14) and mask.sum() == 30 * 4
