@@ -78,6 +78,46 @@ def test_schedule_is_timm_cosine_stepped_after_each_epoch_as_deit(tmp_path):
     assert fcfg.train.drop_last and fcfg.train.batch_size == batch and not fcfg.train.sync_bn
 
 
+def _first_and_last_lr(cfg: RunConfig, tmp_path: Path, spe: int):
+    """The lr the fine-tune's schedule applies at its first and its last iteration."""
+    fcfg = finetune_config(cfg, tmp_path)
+    opt = build_optimizer(param_groups(nn.ParameterList([nn.Parameter(torch.zeros(2, 2))]), fcfg.optim,
+                                       fcfg.train.batch_size), fcfg.optim)
+    out = []
+    for t in (0, spe * fcfg.train.epochs - 1):
+        apply_schedule(opt, t, spe, fcfg.train.epochs, fcfg.sched)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+@pytest.mark.parametrize("batch", [1024, 2048])
+def test_warmup_and_min_lr_of_the_simmim_and_deit_recipes(tmp_path, batch):
+    """SimMIM's main_finetune.py multiplies BASE_LR, WARMUP_LR and MIN_LR (1.25e-3, 2.5e-7, 2.5e-7) by
+    batch / 512: at its batch 2048 the schedule starts and ends at 1e-6. DeiT (MoCo v3's fine-tune)
+    scales only the lr: warm-up from 1e-6 and floor 1e-5 at any batch."""
+    from mocov3.train import Config as MoCoConfig
+    from simmim.train import Config as SimMIMConfig
+    root = Path(__file__).resolve().parents[1]
+    spe = 100                                         # iterations per epoch
+    cfg = build_config(SimMIMConfig, [root / "simmim/configs/vit_base_800ep.yaml"], ["data.root=/x"])
+    assert cfg.eval.finetune.batch_size == 2048
+    first, last = _first_and_last_lr(cfg, tmp_path, spe)
+    peak, floor, total = 1.25e-3 * 2048 / 512, 2.5e-7 * 2048 / 512, spe * 100
+    assert math.isclose(first, floor, rel_tol=1e-9)
+    # timm's per-iteration cosine over all iterations, warm-up included, at the last one
+    assert math.isclose(last, floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)),
+                        rel_tol=1e-9)
+    assert math.isclose(last, floor, rel_tol=1e-3)
+    cfg = build_config(MoCoConfig, [root / "mocov3/configs/vit_base_300ep.yaml"],
+                       ["data.root=/x", f"eval.finetune.batch_size={batch}"])
+    first, last = _first_and_last_lr(cfg, tmp_path, spe)
+    peak, epochs = 5e-4 * batch / 512, 150
+    assert math.isclose(first, 1e-6, rel_tol=1e-9)
+    # epoch-wise, one epoch behind: the last epoch trains at the value for epoch 148 of 150
+    assert math.isclose(last, 1e-5 + (peak - 1e-5) * 0.5 * (1 + math.cos(math.pi * (epochs - 2) / epochs)),
+                        rel_tol=1e-9)
+
+
 def test_default_recipe_is_deit():
     fc = RunConfig().eval.finetune
     assert (fc.epochs, fc.batch_size, fc.lr, fc.lr_ref_batch, fc.weight_decay) == (300, 1024, 5e-4, 512, 0.05)
