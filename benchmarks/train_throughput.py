@@ -9,6 +9,10 @@ with its own transform, such as SimMIM's image + mask, a pool of its outputs), s
 is the model + optimizer step (what a GPU benchmark should isolate). Prints the median images/s
 over the steps after `--warmup`, and the peak GPU memory when on GPU. Runs on any device; quote
 figures with the command and the machine that produced them (see benchmarks/README.md).
+
+`--optim-step` times the optimizer step alone instead: the recipe's model, parameter groups and
+optimizer (as the engine builds them, with the schedule applied at mid-training), fixed random
+gradients, and the median milliseconds of `optimizer.step()` over the steps after `--warmup`.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +34,31 @@ from shared.config import build_config
 from shared.data.augment import MultiView
 from shared.data.loader import build_image_dataset
 from shared.engine import amp_name, autocast_dtype, fit
+from shared.optim import apply_schedule, build_optimizer, param_groups
+
+
+def optim_step_ms(cfg, model: torch.nn.Module, device: torch.device, steps: int, warmup: int) -> dict:
+    """Median wall-clock ms of the recipe's `optimizer.step()` on `model`'s parameters."""
+    model.to(device)
+    groups = param_groups(model, cfg.optim, cfg.train.batch_size)
+    optimizer = build_optimizer(groups, cfg.optim)
+    spe, epochs = 100, max(cfg.train.epochs, 1)
+    apply_schedule(optimizer, spe * epochs // 2, spe, epochs, cfg.sched)   # mid-training lr and weight decay
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device=device, dtype=p.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(steps + warmup):
+        sync()
+        t = time.perf_counter()
+        optimizer.step()
+        sync()
+        times.append(1e3 * (time.perf_counter() - t))
+    return {"optimizer": type(optimizer).__name__, "param_tensors": len(params),
+            "params_m": sum(p.numel() for p in params) / 1e6, "steps_measured": steps,
+            "step_ms_median": statistics.median(times[warmup:])}
 
 
 class RandomViews(Dataset):
@@ -65,6 +95,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--data", choices=["synthetic", "tensors"], default="tensors")
+    p.add_argument("--optim-step", action="store_true", help="time optimizer.step() alone (see the docstring)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args()
     module = importlib.import_module(f"{a.method}.train")
@@ -74,10 +105,18 @@ def main() -> None:
         "train.ckpt_every_epochs=0", "eval.after_train=[]", "data.source=synthetic", "train.drop_last=true"])
     n = cfg.train.batch_size * (a.steps + a.warmup)
     sizes = [v.size for v in cfg.aug.views for _ in range(v.n)]
-    cfg.train.epochs = 1
+    epochs, cfg.train.epochs = cfg.train.epochs, 1
     _, device = dist.init(cfg.train.device)
     torch.manual_seed(0)
     model = module.build(cfg)
+    if a.optim_step:
+        cfg.train.epochs = epochs
+        result = {"method": a.method, "config": a.config, "overrides": a.overrides,
+                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "threads": torch.get_num_threads(), **optim_step_ms(cfg, model, device, a.steps, a.warmup)}
+        print(json.dumps(result), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        return
     make_transform = getattr(module, "make_transform", None)   # a method's own input pipeline, if it has one
     transform = make_transform(cfg, model) if make_transform is not None else MultiView(cfg.aug.views)
     if a.data == "synthetic":
