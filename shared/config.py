@@ -58,8 +58,16 @@ class DataConfig:
     train_dir: str = "train"
     val_dir: str = "val"
     skip_bad_files: bool = False  # folder: replace unreadable images by the next one, and count them
-    workers: int = 8              # DataLoader workers per process
-    pin_memory: bool = True
+    workers: int = -1             # DataLoader workers per process; -1: from the machine, the CPUs this process may use
+    #   (min of SLURM_CPUS_PER_TASK and its CPU affinity) / processes on this node (LOCAL_WORLD_SIZE), minus one
+    pin_memory: bool = True       # page-locked batches (on CUDA only)
+    persistent_workers: bool = True   # keep the workers (and their dataset state) from one epoch to the next
+    prefetch_factor: int = 2      # batches each worker prepares ahead (DataLoader's prefetch_factor); 0: DataLoader's own
+    # Pretraining from image files (folder / images): decode each image once for all its views, at the
+    # largest JPEG scale (1/2, 1/4, 1/8) that keeps every view's crop at least its output size, and
+    # resize with torch's antialiased uint8 kernels; the other ops are PIL's; the views differ from the
+    # PIL path by the reduced decode only (tests/test_input_pipeline.py). false: the PIL path, op for op.
+    fast_path: bool = True
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -1,11 +1,14 @@
 """ImageFolder (ImageNet layout: root/<class>/<image>) with one-line errors naming the path."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
+import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -56,9 +59,12 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> Image.Image:
+    def load(self, index: int, encoded: bool = False) -> "Image.Image | EncodedImage":
+        """The image as PIL RGB, or (`encoded`) read and its header parsed but not decoded."""
         path = self.samples[index][0]
         try:
+            if encoded:
+                return EncodedImage(path)
             with open(path, "rb") as f:
                 img = Image.open(f)
                 return img.convert("RGB")
@@ -66,15 +72,50 @@ class ImageFolder(Dataset):
             reason = str(exc).split("\n")[0] or type(exc).__name__
             raise DataError(f"cannot read image '{path}': {reason}") from None
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int, encoded: bool = False):
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             try:
-                return self.load(i), self.samples[i][1]
+                return self.load(i, encoded), self.samples[i][1]
             except DataError as exc:
-                if not self.skip_bad_files:
-                    raise
-                self.skipped += 1
-                print(f"warning: skipped an unreadable image ({self.skipped} so far in this process): {exc}",
-                      file=sys.stderr, flush=True)
+                self.skip(exc)
         raise DataError(f"no readable image under '{self.root}'")
+
+    def skip(self, exc: DataError) -> None:
+        """Count and log an unreadable image, or raise `exc` without `skip_bad_files`."""
+        if not self.skip_bad_files:
+            raise exc
+        self.skipped += 1
+        print(f"warning: skipped an unreadable image ({self.skipped} so far in this process): {exc}",
+              file=sys.stderr, flush=True)
+
+
+class EncodedImage:
+    """An image file read into memory with its header parsed (size, format, mode), not decoded.
+    `decode(k)` decodes it once, for all views: a JPEG at 1/k of its size (libjpeg's DCT scaling,
+    PIL `draft`; k in 1, 2, 4, 8), an RGB JPEG at full size with torchvision's libjpeg-turbo
+    decoder (the same pixels as PIL, faster), anything else with PIL."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            self.data = f.read()
+        with Image.open(io.BytesIO(self.data)) as img:
+            self.size, self.format, self.mode = img.size, img.format, img.mode
+
+    def decode(self, reduction: int = 1) -> Tuple[torch.Tensor, int]:
+        """(H', W', 3) uint8 RGB pixels and the reduction k actually used (H' = ceil(H / k))."""
+        try:
+            if self.format == "JPEG" and self.mode == "RGB" and reduction == 1:
+                from torchvision.io import ImageReadMode, decode_jpeg
+                chw = decode_jpeg(torch.frombuffer(bytearray(self.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                return chw.permute(1, 2, 0), 1
+            img = Image.open(io.BytesIO(self.data))
+            if self.format == "JPEG" and reduction > 1:
+                img.draft("RGB", (self.size[0] // reduction, self.size[1] // reduction))
+            k = round(self.size[0] / img.size[0])
+            img.load()
+            return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB"))), k
+        except (OSError, ValueError, RuntimeError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            reason = str(exc).split("\n")[0] or type(exc).__name__
+            raise DataError(f"cannot read image '{self.path}': {reason}") from None

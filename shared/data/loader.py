@@ -6,11 +6,17 @@ world size. Each sample carries its own seed, a function of (seed, epoch, index)
 `SeededDataset` loads into torch's generator before the augmentation runs. A run resumed at step t
 therefore sees exactly the batches and views of an uninterrupted run, and a 2-process run exactly
 the views of the 1-process run.
+
+`build_image_dataset` attaches its `DataConfig` to the dataset (`loader_config`), so that
+`SeededDataset` and `make_loader` apply its loader settings wherever the dataset goes: the fast
+path (`data.fast_path`: undecoded image files handed to a transform that takes them) and the
+DataLoader's workers (`-1`: from the machine, `auto_workers`), persistence and prefetch depth.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -36,19 +42,36 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededDataset(Dataset):
-    """`ds[(index, seed)] -> transform(base[index])` with torch's CPU generator seeded first."""
+    """`ds[(index, seed)] -> transform(base[index])` with torch's CPU generator seeded first.
+
+    Where the base offers undecoded files (an `ImageFolder` built with `data.fast_path`) and the
+    transform takes them (`MultiView`), it hands over the file, which the transform decodes; a
+    file that fails to decode there is skipped as the base skips unreadable files (the next
+    image, with the generator seeded afresh, as if the base had skipped it)."""
 
     def __init__(self, base: Dataset, transform: Optional[Callable] = None):
         self.base, self.transform = base, transform
+        cfg = getattr(base, "loader_config", None)
+        self.encoded = bool(getattr(cfg, "fast_path", False) and getattr(transform, "takes_encoded", False)
+                            and hasattr(base, "skip"))
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key: Tuple[int, int]):
         index, seed = key
-        torch.random.default_generator.manual_seed(seed)
-        x, y = self.base[index]
-        return (self.transform(x) if self.transform is not None else x), y
+        if not self.encoded:
+            torch.random.default_generator.manual_seed(seed)
+            x, y = self.base[index]
+            return (self.transform(x) if self.transform is not None else x), y
+        for attempt in range(len(self.base)):
+            torch.random.default_generator.manual_seed(seed)
+            x, y = self.base.__getitem__((index + attempt) % len(self.base), encoded=True)
+            try:
+                return self.transform(x), y
+            except DataError as exc:
+                self.base.skip(exc)
+        raise DataError("no readable image in the dataset")
 
 
 class GlobalBatchSampler(Sampler[List[Tuple[int, int]]]):
@@ -106,25 +129,56 @@ def build_image_dataset(data: DataConfig, split: str) -> Dataset:
     if data.source == "synthetic":
         s = data.synthetic
         try:
-            return SyntheticShapes(s.length if split == "train" else s.val_length, s.image_size, s.num_classes,
-                                   s.max_objects, s.seed, split, cache=s.cache, texture=s.texture, palette=s.palette,
-                                   rotation=s.rotation, placement=s.placement, shading=s.shading,
-                                   radius_range=s.radius_range)
+            ds = SyntheticShapes(s.length if split == "train" else s.val_length, s.image_size, s.num_classes,
+                                 s.max_objects, s.seed, split, cache=s.cache, texture=s.texture, palette=s.palette,
+                                 rotation=s.rotation, placement=s.placement, shading=s.shading,
+                                 radius_range=s.radius_range)
         except ValueError as exc:  # an out-of-range setting, e.g. num_classes or radius_range
             raise ConfigError(f"data.synthetic.{exc}") from None
+        ds.loader_config = data
+        return ds
     sub = data.train_dir if split == "train" else data.val_dir
     if not data.root:
         raise DataError(f"data.source={data.source} needs data.root: the dataset folder holding "
                         f"{data.train_dir}/ and {data.val_dir}/")
-    return ImageFolder(Path(data.root) / sub, skip_bad_files=data.skip_bad_files,
-                       key=f"data.root + data.{'train' if split == 'train' else 'val'}_dir",
-                       labelled=data.source == "folder")
+    folder = ImageFolder(Path(data.root) / sub, skip_bad_files=data.skip_bad_files,
+                         key=f"data.root + data.{'train' if split == 'train' else 'val'}_dir",
+                         labelled=data.source == "folder")
+    folder.loader_config = data
+    return folder
 
 
 def num_classes(ds: Dataset) -> int:
     return len(ds.classes)
 
 
+def auto_workers(env: Mapping[str, str] = os.environ, affinity: Optional[int] = None) -> int:
+    """DataLoader workers for one process: the CPUs it may use (its CPU affinity, and at most
+    SLURM_CPUS_PER_TASK under Slurm) shared by the processes on this node (LOCAL_WORLD_SIZE under
+    torchrun; one task per GPU under Slurm), minus one for the training process itself; at least 1."""
+    cpus = affinity if affinity is not None else len(os.sched_getaffinity(0))
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        cpus = min(cpus, int(env["SLURM_CPUS_PER_TASK"]))
+    procs = int(env["LOCAL_WORLD_SIZE"]) if env.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
+    return max(1, cpus // max(procs, 1) - 1)
+
+
+def loader_options(workers: int, data: Optional[DataConfig] = None) -> dict:
+    """The DataLoader keywords for `workers` (-1: `auto_workers()`) and a `DataConfig`'s settings."""
+    data = data if data is not None else DataConfig()
+    if workers < -1:
+        raise ConfigError(f"data.workers={workers}: expected a number of workers >= 0, or -1 (from the machine)")
+    n = auto_workers() if workers == -1 else workers
+    opts = dict(num_workers=n)
+    if n > 0:
+        opts["persistent_workers"] = data.persistent_workers
+        if data.prefetch_factor > 0:
+            opts["prefetch_factor"] = data.prefetch_factor
+    return opts
+
+
 def make_loader(dataset: SeededDataset, sampler: GlobalBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0)
+    """`workers` -1: from the machine (`auto_workers`); persistence and prefetch depth from the
+    dataset's `DataConfig` where `build_image_dataset` made it, else the `DataConfig` defaults."""
+    data = getattr(getattr(dataset, "base", dataset), "loader_config", None)
+    return DataLoader(dataset, batch_sampler=sampler, pin_memory=pin_memory, **loader_options(workers, data))
