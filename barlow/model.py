@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from barlow.loss import cross_correlation, loss_from_cross_correlation, off_diagonal
 from shared import dist
-from shared.config import BackboneConfig, ModelConfig, choice
+from shared.config import BackboneConfig, ModelConfig, choice, num
 from shared.models import build_backbone, mlp, parse_dims
 from shared.numerics import at_least_fp32
 
@@ -32,7 +32,7 @@ class BarlowModelConfig(ModelConfig):
     backbone: BackboneConfig = field(
         default_factory=lambda: BackboneConfig(name="resnet50", zero_init_residual=True))
     projector: str = "8192-8192-8192"   # hidden and output sizes, as the official --projector
-    lambd: float = 0.0051               # weight of the off-diagonal terms
+    lambd: float = num(0.0051, ">=0")               # weight of the off-diagonal terms
     gradient: str = choice("official", "official", "exact")
 
 

@@ -24,7 +24,7 @@ from torchvision.models import resnet as tv_resnet
 
 from densecl.loss import dense_correspondence, densecl_loss, info_nce
 from shared import dist
-from shared.config import BackboneConfig, ModelConfig, choice
+from shared.config import BackboneConfig, ModelConfig, choice, num
 from shared.errors import ConfigError
 from shared.models import build_backbone, momentum_copy, momentum_update
 from shared.models.backbones import ResNet
@@ -35,13 +35,13 @@ from shared.numerics import at_least_fp32
 class DenseCLModelConfig(ModelConfig):
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="resnet50"))
     neck: str = choice("densecl", "densecl", "mocov2")  # mocov2: global MLP only (NonLinearNeckV1)
-    hidden_dim: int = 2048        # neck hidden width (hid_channels)
-    dim: int = 128                # output width (feat_dim / out_channels)
-    queue_len: int = 65536        # must be divisible by the global batch
-    temperature: float = 0.2
-    loss_lambda: float = 0.5      # weight of the dense loss; 0 with neck mocov2
-    lambda_warmup_steps: int = 0  # the official DenseCLWarmupHook (off in every shipped config): λ = 0 before this step
-    bn_splits: int = 1            # >1: BatchNorm over groups of batch / bn_splits images, keys shuffled across the
+    hidden_dim: int = num(2048, ">=1")        # neck hidden width (hid_channels)
+    dim: int = num(128, ">=1")                # output width (feat_dim / out_channels)
+    queue_len: int = num(65536, ">=1")        # must be divisible by the global batch
+    temperature: float = num(0.2, ">0")
+    loss_lambda: float = num(0.5, ">=0")      # weight of the dense loss; 0 with neck mocov2
+    lambda_warmup_steps: int = num(0, ">=0")  # the official DenseCLWarmupHook (off in every shipped config): λ = 0 before this step
+    bn_splits: int = num(1, ">=1")            # >1: BatchNorm over groups of batch / bn_splits images, keys shuffled across the
                                   # groups: the per-GPU BN and shuffle-BN of a bn_splits-GPU run, in each process
 
 

@@ -24,7 +24,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
 from mocov3.loss import mocov3_loss
-from shared.config import BackboneConfig, ModelConfig
+from shared.config import BackboneConfig, ModelConfig, num
 from shared.errors import ConfigError
 from shared.models import build_backbone, mlp, momentum_copy, momentum_update
 from shared.numerics import at_least_fp32
@@ -34,11 +34,11 @@ from shared.numerics import at_least_fp32
 class MoCoV3ModelConfig(ModelConfig):
     backbone: BackboneConfig = field(
         default_factory=lambda: BackboneConfig(name="resnet50", zero_init_residual=True))
-    dim: int = 256                  # output of projector and predictor (--moco-dim)
-    mlp_dim: int = 4096             # hidden width of both MLPs (--moco-mlp-dim)
-    projector_layers: int = 2       # 2 for ResNets, 3 for ViTs
+    dim: int = num(256, ">=1")                  # output of projector and predictor (--moco-dim)
+    mlp_dim: int = num(4096, ">=1")             # hidden width of both MLPs (--moco-mlp-dim)
+    projector_layers: int = num(2, ">=1")       # 2 for ResNets, 3 for ViTs
     predictor_last_bn: bool = False  # affine-free BN at the end of the predictor: ViTs only
-    temperature: float = 1.0        # --moco-t: 1.0 ResNet, 0.2 ViT
+    temperature: float = num(1.0, ">0")        # --moco-t: 1.0 ResNet, 0.2 ViT
     stop_grad_conv1: bool = False   # ViT: "random patch projection", the patch embedding stays at its init
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -29,23 +31,55 @@ def choice(default: Any, *choices: Any) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
+def num(default: Any, valid: str) -> Any:
+    """A numeric field (or a tuple / list of numbers, each checked) with its valid range, checked after
+    loading like `choice`: ">0", ">=0", ">=1", ">=-1", or an interval "[0,1]", "(0,1]", "[0,1)", "(0,1)";
+    " ordered" adds that the values do not decrease (a (min, max) pair). NaN and inf are never valid;
+    None (an optional field left unset) always is."""
+    return field(default=default, metadata={"range": valid})
+
+
+_BOUND = re.compile(r"^(>=?)(-?[\d.]+)$|^([\[(])(-?[\d.]+),(-?[\d.]+)([\])])$")
+
+
+def in_range(value: float, valid: str) -> bool:
+    """Whether one finite number satisfies a `num` range such as ">=0" or "(0,1]"."""
+    m = _BOUND.match(valid.split()[0])
+    if m is None:
+        raise ValueError(f"bad range spec {valid!r}")
+    if not math.isfinite(value):
+        return False
+    if m.group(1):
+        bound = float(m.group(2))
+        return value > bound if m.group(1) == ">" else value >= bound
+    lo, hi = float(m.group(4)), float(m.group(5))
+    return (value > lo if m.group(3) == "(" else value >= lo) and (value < hi if m.group(6) == ")" else value <= hi)
+
+
+def describe_range(valid: str) -> str:
+    first, *rest = valid.split()
+    words = {">0": "a number > 0", ">=0": "a number >= 0", ">=1": "a number >= 1", ">=-1": "a number >= -1"}
+    text = words.get(first, f"a number in {first}")
+    return text + (", not decreasing" if "ordered" in rest else "") + " (finite)"
+
+
 # ----------------------------------------------------------------------------------------- data
 @dataclass
 class SyntheticConfig:
     """The built-in procedural dataset (`shared.data.synthetic`)."""
 
-    length: int = 2048            # training images
-    val_length: int = 512         # validation images (a disjoint seed stream)
-    image_size: int = 64
-    num_classes: int = 8          # first N of the shape classes
-    max_objects: int = 3          # 1 labelled object + up to N-1 smaller distractors
-    texture: float = 1.0          # strength of the background structure (0: one flat colour)
-    palette: int = 0              # 0: any RGB colour; N: colours drawn from N fixed hues
-    rotation: float = 180.0       # shapes are rotated by U(-rotation, rotation) degrees
-    placement: Tuple[float, float] = (1.0, 1.0)   # x, y spread of the labelled shape's centre: 1 anywhere, 0 centred
-    radius_range: Tuple[float, float] = (0.2, 0.36)   # labelled shape's radius, fraction of the image size
-    shading: float = 0.25         # strength of the linear brightness ramp across each shape (0: flat fill)
-    seed: int = 0
+    length: int = num(2048, ">=1")            # training images
+    val_length: int = num(512, ">=1")         # validation images (a disjoint seed stream)
+    image_size: int = num(64, ">=1")
+    num_classes: int = num(8, ">=1")          # first N of the shape classes
+    max_objects: int = num(3, ">=1")          # 1 labelled object + up to N-1 smaller distractors
+    texture: float = num(1.0, ">=0")          # strength of the background structure (0: one flat colour)
+    palette: int = num(0, ">=0")              # 0: any RGB colour; N: colours drawn from N fixed hues
+    rotation: float = num(180.0, ">=0")       # shapes are rotated by U(-rotation, rotation) degrees
+    placement: Tuple[float, float] = num((1.0, 1.0), "[0,1]")   # x, y spread of the labelled shape's centre: 1 anywhere, 0 centred
+    radius_range: Tuple[float, float] = num((0.2, 0.36), "(0,1] ordered")   # labelled shape's radius, fraction of the image size
+    shading: float = num(0.25, ">=0")         # strength of the linear brightness ramp across each shape (0: flat fill)
+    seed: int = num(0, ">=0")
     cache: bool = True            # render once into memory (workers share it copy-on-write)
 
 
@@ -58,11 +92,11 @@ class DataConfig:
     train_dir: str = "train"
     val_dir: str = "val"
     skip_bad_files: bool = False  # folder: replace unreadable images by the next one, and count them
-    workers: int = -1             # DataLoader workers per process; -1: from the machine, the CPUs this process may use
+    workers: int = num(-1, ">=-1")             # DataLoader workers per process; -1: from the machine, the CPUs this process may use
     #   (min of SLURM_CPUS_PER_TASK and its CPU affinity) / processes on this node (LOCAL_WORLD_SIZE), minus one
     pin_memory: bool = True       # page-locked batches (on CUDA only)
     persistent_workers: bool = True   # keep the workers (and their dataset state) from one epoch to the next
-    prefetch_factor: int = 2      # batches each worker prepares ahead (DataLoader's prefetch_factor); 0: DataLoader's own
+    prefetch_factor: int = num(2, ">=0")      # batches each worker prepares ahead (DataLoader's prefetch_factor); 0: DataLoader's own
     # Pretraining from image files (folder / images): decode each image once for all its views, at the
     # largest JPEG scale (1/2, 1/4, 1/8) that keeps every view's crop at least its output size, and
     # resize with torch's antialiased uint8 kernels; the other ops are PIL's; the views differ from the
@@ -75,22 +109,22 @@ class DataConfig:
 class ViewConfig:
     """One augmented view. `order` lists the ops as applied; an op with probability 0 is skipped."""
 
-    n: int = 1                                      # number of crops drawn with this recipe
-    size: int = 224
-    crop_scale: Tuple[float, float] = (0.08, 1.0)
-    crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    n: int = num(1, ">=1")                                      # number of crops drawn with this recipe
+    size: int = num(224, ">=1")
+    crop_scale: Tuple[float, float] = num((0.08, 1.0), "(0,1] ordered")
+    crop_ratio: Tuple[float, float] = num((3.0 / 4.0, 4.0 / 3.0), ">0 ordered")
     interpolation: str = choice("bilinear", "bilinear", "bicubic")
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness contrast saturation hue
-    gray_p: float = 0.2
-    blur_p: float = 0.0
-    blur_sigma: Tuple[float, float] = (0.1, 2.0)    # PIL GaussianBlur radius ~ U(a, b)
-    solarize_p: float = 0.0
-    solarize_threshold: int = 128
+    flip_p: float = num(0.5, "[0,1]")
+    jitter_p: float = num(0.8, "[0,1]")
+    jitter: Tuple[float, float, float, float] = num((0.4, 0.4, 0.2, 0.1), ">=0")  # brightness contrast saturation hue
+    gray_p: float = num(0.2, "[0,1]")
+    blur_p: float = num(0.0, "[0,1]")
+    blur_sigma: Tuple[float, float] = num((0.1, 2.0), ">=0 ordered")    # PIL GaussianBlur radius ~ U(a, b)
+    solarize_p: float = num(0.0, "[0,1]")
+    solarize_threshold: int = num(128, "[0,256]")
     order: List[str] = field(default_factory=lambda: ["crop", "flip", "jitter", "gray", "blur", "solarize"])
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
+    mean: Tuple[float, float, float] = num(IMAGENET_MEAN, "[0,1]")
+    std: Tuple[float, float, float] = num(IMAGENET_STD, ">0")
 
 
 @dataclass
@@ -103,8 +137,8 @@ class AugConfig:
 class BackboneConfig:
     name: str = "resnet50"        # torchvision resnet18/34/50/101/152, or any timm ViT/Swin name
     zero_init_residual: bool = False
-    img_size: int = 224           # timm models only
-    drop_path: float = 0.0        # timm models only
+    img_size: int = num(224, ">=1")           # timm models only
+    drop_path: float = num(0.0, "[0,1)")        # timm models only
     conv_stem: bool = False       # timm ViTs: a convolutional stem instead of the patch projection (Xiao et al. 2021)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
 
@@ -118,19 +152,19 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = choice("sgd", "sgd", "lars", "adamw")
-    lr: float = 0.1               # base lr at `lr_ref_batch`; peak lr = lr * global_batch / lr_ref_batch
-    lr_ref_batch: int = 256       # 0: no batch scaling
-    weight_decay: float = 0.0
+    lr: float = num(0.1, ">0")               # base lr at `lr_ref_batch`; peak lr = lr * global_batch / lr_ref_batch
+    lr_ref_batch: int = num(256, ">=0")       # 0: no batch scaling
+    weight_decay: float = num(0.0, ">=0")
     # Parameters matching any rule get no weight decay and (LARS) no trust-ratio adaptation.
     # Rules: "ndim<=1" (biases, norm weights), "bias" (names ending in .bias), or fnmatch patterns on names.
     no_decay: List[str] = field(default_factory=list)
-    lr_no_decay: Optional[float] = None  # base lr of the no-decay group (null: same as lr)
-    momentum: float = 0.9         # sgd / lars
+    lr_no_decay: Optional[float] = num(None, ">=0")  # base lr of the no-decay group (null: same as lr)
+    momentum: float = num(0.9, "[0,1)")         # sgd / lars
     nesterov: bool = False
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    lars_eta: float = 0.001
-    clip_grad: float = 0.0        # max global grad norm; 0 = off
+    betas: Tuple[float, float] = num((0.9, 0.999), "[0,1)")
+    eps: float = num(1e-8, ">0")
+    lars_eta: float = num(0.001, ">0")
+    clip_grad: float = num(0.0, ">=0")        # max global grad norm; 0 = off
 
 
 @dataclass
@@ -138,71 +172,73 @@ class ScheduleConfig:
     """Per-iteration schedules of lr, weight decay and the momentum-encoder coefficient."""
 
     kind: str = choice("cosine", "cosine", "step", "constant")
-    warmup_epochs: float = 0.0
-    warmup_start: float = 0.0     # lr at step 0, as a fraction of peak
-    final: float = 0.0            # cosine floor, as a fraction of peak
-    milestones: List[float] = field(default_factory=list)  # step decay: epochs at which lr *= gamma
-    gamma: float = 0.1
+    warmup_epochs: float = num(0.0, ">=0")
+    warmup_start: float = num(0.0, ">=0")     # lr at step 0, as a fraction of peak
+    final: float = num(0.0, ">=0")            # cosine floor, as a fraction of peak
+    milestones: List[float] = field(default_factory=list, metadata={"range": ">=0"})  # step decay: epochs at which lr *= gamma
+    gamma: float = num(0.1, ">0")
     per_epoch: bool = False       # hold lr constant within an epoch (torch's epoch-stepped schedulers)
     warmup_prefix: bool = True    # false: cosine over all steps from step 0, warmup included (timm's warmup_prefix=False)
-    lag_epochs: int = 0           # lr only: the schedule runs N epochs late, at its step-0 value until then (DeiT: 1)
-    wd_final: Optional[float] = None  # cosine weight-decay schedule to this value (null: constant)
-    ema_start: Optional[float] = None  # momentum-encoder coefficient at step 0 (null: no schedule)
-    ema_final: float = 1.0
+    lag_epochs: int = num(0, ">=0")           # lr only: the schedule runs N epochs late, at its step-0 value until then (DeiT: 1)
+    wd_final: Optional[float] = num(None, ">=0")  # cosine weight-decay schedule to this value (null: constant)
+    ema_start: Optional[float] = num(None, "[0,1]")  # momentum-encoder coefficient at step 0 (null: no schedule)
+    ema_final: float = num(1.0, "[0,1]")
     ema_kind: str = choice("cosine", "cosine", "constant")
 
 
 # ---------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 256         # global batch: per-process batch = batch_size / world size
-    per_gpu_batch: int = 0        # >0: fix the per-process batch instead; global = per_gpu_batch x world size
+    epochs: int = num(100, ">=1")
+    batch_size: int = num(256, ">=0")         # global batch: per-process batch = batch_size / world size
+    per_gpu_batch: int = num(0, ">=0")        # >0: fix the per-process batch instead; global = per_gpu_batch x world size
     drop_last: bool = True
-    seed: int = 0
+    seed: int = num(0, ">=0")
     device: str = choice("auto", "auto", "cpu", "cuda")
     amp: str = choice("auto", "auto", "bf16", "fp16", "fp32")  # auto: bf16 on GPU, fp32 on CPU
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = True          # convert BatchNorm to a synchronised BatchNorm when distributed
     out_dir: str = ""             # default: runs/<method>/<recipe name>
-    resume: bool = True           # continue from out_dir/last.pt when it exists
-    ckpt_every_epochs: int = 1    # rewrite last.pt every N epochs (0: only at the end)
-    ckpt_every_steps: int = 0     # also every N steps (0: off)
-    keep_every_epochs: int = 0    # keep a numbered copy every N epochs (0: off)
-    log_every: int = 20           # steps between log lines
+    resume: bool = True           # continue from out_dir/last.pt (or prev.pt, if last.pt does not load) when it exists
+    allow_config_change: bool = False  # resume even where the schedule or the data order changed (epochs, batch,
+                                  # seed, optim.*, sched.*, the dataset); every difference is printed either way
+    ckpt_every_epochs: int = num(1, ">=0")    # rewrite last.pt every N epochs (0: only at the end)
+    ckpt_every_steps: int = num(0, ">=0")     # also every N steps (0: off)
+    keep_every_epochs: int = num(0, ">=0")    # keep a numbered copy every N epochs (0: off)
+    log_every: int = num(20, ">=1")           # steps between log lines
     tensorboard: bool = True
 
 
 # ----------------------------------------------------------------------------------------- eval
 @dataclass
 class KNNConfig:
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 256
-    block: int = 0                # as eval.linear.block: 0 the pooled output, N the mean patch token after block N
+    k: int = num(20, ">=1")
+    temperature: float = num(0.07, ">0")
+    batch_size: int = num(256, ">=1")
+    block: int = num(0, ">=0")                # as eval.linear.block: 0 the pooled output, N the mean patch token after block N
 
 
 @dataclass
 class LinearConfig:
     """Linear probe on a frozen backbone (kept in eval mode). Defaults: the Barlow Twins protocol."""
 
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 0.3
-    lr_ref_batch: int = 0         # 0: lr is used as is
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
+    epochs: int = num(100, ">=1")
+    batch_size: int = num(256, ">=1")
+    lr: float = num(0.3, ">0")
+    lr_ref_batch: int = num(0, ">=0")         # 0: lr is used as is
+    weight_decay: float = num(1e-6, ">=0")
+    momentum: float = num(0.9, "[0,1)")
     optimizer: str = choice("sgd", "sgd", "lars")
     schedule: str = choice("cosine_epoch", "cosine_epoch", "cosine_step")
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = num(0.0, ">=0")
     bn: bool = False              # affine-free BatchNorm before the classifier (MAE-style option)
-    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    crop_scale: Tuple[float, float] = num((0.08, 1.0), "(0,1] ordered")
     interpolation: str = choice("bilinear", "bilinear", "bicubic")
     cache_features: bool = False  # extract features once (no augmentation) and train on them: fast, not the protocol
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = num(1, ">=0")
     amp: str = choice("fp32", "auto", "bf16", "fp16", "fp32")   # the official probes run in fp32
-    block: int = 0                # 0: the backbone's pooled output; N: the mean of the patch tokens after
+    block: int = num(0, ">=0")                # 0: the backbone's pooled output; N: the mean of the patch tokens after
                                   # block N (1-based, timm ViTs), SimMIM's ViT probe: 8
 
 
@@ -212,39 +248,39 @@ class FinetuneConfig:
     Defaults: the DeiT recipe (facebookresearch/deit main.py, 2021, timm 0.3.2) that MoCo v3 fine-tunes
     with (ViT-B: epochs=150). Learning rates are absolute at `lr_ref_batch`, as DeiT's arguments."""
 
-    epochs: int = 300             # DeiT's default; MoCo v3 fine-tunes ViT-B for 150
-    batch_size: int = 1024        # global batch
-    lr: float = 5e-4              # peak lr = lr * global batch / lr_ref_batch
-    lr_ref_batch: int = 512
-    weight_decay: float = 0.05    # AdamW; none on 1-D parameters, biases and the backbone's no_weight_decay() set
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_epochs: int = 5        # linear from warmup_lr, then cosine (per epoch) down to min_lr
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    layer_decay: float = 1.0      # layer-wise lr decay (BEiT/MAE): block i gets decay^(depth - i); 1.0 = off
-    clip_grad: float = 0.0        # max global grad norm; 0 = off (DeiT's default)
-    drop_path: float = 0.1        # stochastic depth of the fine-tuned backbone (timm models)
-    head_init_std: float = 0.02   # classifier weight ~ trunc_normal(std), bias 0 (timm 0.3.2's ViT head; MAE: 2e-5)
+    epochs: int = num(300, ">=1")             # DeiT's default; MoCo v3 fine-tunes ViT-B for 150
+    batch_size: int = num(1024, ">=1")        # global batch
+    lr: float = num(5e-4, ">0")              # peak lr = lr * global batch / lr_ref_batch
+    lr_ref_batch: int = num(512, ">=0")
+    weight_decay: float = num(0.05, ">=0")    # AdamW; none on 1-D parameters, biases and the backbone's no_weight_decay() set
+    betas: Tuple[float, float] = num((0.9, 0.999), "[0,1)")
+    eps: float = num(1e-8, ">0")
+    warmup_epochs: int = num(5, ">=0")        # linear from warmup_lr, then cosine (per epoch) down to min_lr
+    warmup_lr: float = num(1e-6, ">=0")
+    min_lr: float = num(1e-5, ">=0")
+    layer_decay: float = num(1.0, "(0,1]")      # layer-wise lr decay (BEiT/MAE): block i gets decay^(depth - i); 1.0 = off
+    clip_grad: float = num(0.0, ">=0")        # max global grad norm; 0 = off (DeiT's default)
+    drop_path: float = num(0.1, "[0,1)")        # stochastic depth of the fine-tuned backbone (timm models)
+    head_init_std: float = num(0.02, ">=0")   # classifier weight ~ trunc_normal(std), bias 0 (timm 0.3.2's ViT head; MAE: 2e-5)
     interpolation: str = choice("bicubic", "bicubic", "bilinear")  # train crop, RandAugment and eval resize
     rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ("" = off)
-    color_jitter: float = 0.4     # used by timm only when rand_augment is off
-    reprob: float = 0.25          # timm RandomErasing probability
+    color_jitter: float = num(0.4, ">=0")     # used by timm only when rand_augment is off
+    reprob: float = num(0.25, "[0,1]")          # timm RandomErasing probability
     remode: str = choice("pixel", "pixel", "rand", "const")
-    recount: int = 1
-    mixup: float = 0.8            # mixup alpha (0: off)
-    cutmix: float = 1.0           # cutmix alpha (0: off)
-    mixup_prob: float = 1.0       # probability of mixing a batch
-    mixup_switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
-    smoothing: float = 0.1        # label smoothing
-    eval_every_epochs: int = 1
+    recount: int = num(1, ">=1")
+    mixup: float = num(0.8, ">=0")            # mixup alpha (0: off)
+    cutmix: float = num(1.0, ">=0")           # cutmix alpha (0: off)
+    mixup_prob: float = num(1.0, "[0,1]")       # probability of mixing a batch
+    mixup_switch_prob: float = num(0.5, "[0,1]")  # probability of cutmix rather than mixup when both are on
+    smoothing: float = num(0.1, "[0,1)")        # label smoothing
+    eval_every_epochs: int = num(1, ">=0")
     amp: str = choice("auto", "auto", "bf16", "fp16", "fp32")  # DeiT: fp16 with a GradScaler
     per_epoch: bool = True        # lr held within an epoch (DeiT); false: per iteration (SimMIM)
-    lag_epochs: int = 1           # DeiT steps its scheduler after each epoch (SimMIM: 0)
+    lag_epochs: int = num(1, ">=0")           # DeiT steps its scheduler after each epoch (SimMIM: 0)
     no_decay: Optional[List[str]] = None  # weight-decay exclusion rules (optim.no_decay syntax); null: 1-D,
                                   # biases and the backbone's no_weight_decay() set (timm's create_optimizer)
-    img_size: int = 0             # fine-tuning resolution (0: eval.image_size), e.g. Swin 192 -> 224
-    resize: int = 0               # its eval Resize (0: eval.resize)
+    img_size: int = num(0, ">=0")             # fine-tuning resolution (0: eval.image_size), e.g. Swin 192 -> 224
+    resize: int = num(0, ">=0")               # its eval Resize (0: eval.resize)
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # merged into model.backbone.kwargs for the
                                   # fine-tuned model (SimMIM ViT: one position bias per block, fc_norm)
 
@@ -259,12 +295,12 @@ class SegProbeConfig:
     logistic regression on fixed features) is convex. Measured on synthetic masks: lr 0.03 converges
     within 30 epochs of 8 to 32 steps, 0.01 visibly does not; fewer steps (larger batches) converge worse."""
 
-    stage: int = -1               # feature map: forward_intermediates index (ResNet 0..3 = C2..C5); -1 = last
-    epochs: int = 30
-    batch_size: int = 64          # images per step (all their pixels): 32 steps an epoch on 2048 images
-    lr: float = 3e-2              # AdamW peak lr: linear warm-up, then cosine to 0 (per step)
-    warmup_epochs: float = 2.0    # Adam's first steps overshoot on wide (2048-d) maps without it
-    weight_decay: float = 1e-4    # decoupled, on the classifier weight only
+    stage: int = num(-1, ">=-1")               # feature map: forward_intermediates index (ResNet 0..3 = C2..C5); -1 = last
+    epochs: int = num(30, ">=1")
+    batch_size: int = num(64, ">=1")          # images per step (all their pixels): 32 steps an epoch on 2048 images
+    lr: float = num(3e-2, ">0")              # AdamW peak lr: linear warm-up, then cosine to 0 (per step)
+    warmup_epochs: float = num(2.0, ">=0")    # Adam's first steps overshoot on wide (2048-d) maps without it
+    weight_decay: float = num(1e-4, ">=0")    # decoupled, on the classifier weight only
     bn: bool = True               # affine-free BatchNorm2d on the features before the classifier
 
 
@@ -272,11 +308,11 @@ class SegProbeConfig:
 class EvalConfig:
     after_train: List[str] = field(default_factory=lambda: ["knn"])  # any of knn, linear, finetune, seg
     compare_random_init: bool = False  # also evaluate a random-init backbone of the same architecture
-    image_size: int = 224
-    resize: int = 256             # eval transform: Resize(resize) -> CenterCrop(image_size)
+    image_size: int = num(224, ">=1")
+    resize: int = num(256, ">=1")             # eval transform: Resize(resize) -> CenterCrop(image_size)
     interpolation: str = choice("bilinear", "bilinear", "bicubic")
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
+    mean: Tuple[float, float, float] = num(IMAGENET_MEAN, "[0,1]")
+    std: Tuple[float, float, float] = num(IMAGENET_STD, ">0")
     knn: KNNConfig = field(default_factory=KNNConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -331,7 +367,7 @@ def _unknown_key(full_key: str, source: str, instance: Any) -> ConfigError:
 
 
 def _rephrase(exc: OmegaConfBaseException, source: str, instance: Any) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
+    key = re.sub(r"\[(\d+)\]", r".\1", getattr(exc, "full_key", None) or "?")   # views[0].n -> views.0.n
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         return _unknown_key(key, source, instance)
     first = first_line(exc)
@@ -375,6 +411,40 @@ def _check_choices(obj: Any, prefix: str, origin: Dict[str, str]) -> None:
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
                     _check_choices(item, f"{key}.{i}.", origin)
+
+
+def _check_ranges(obj: Any, prefix: str, origin: Dict[str, str]) -> None:
+    """Every `num` field within its declared range, and the few rules that join two fields."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        valid = f.metadata.get("range")
+        if valid and value is not None:
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not in_range(v, valid)]
+            if not bad and "ordered" in valid.split():
+                bad = [values[i + 1] for i in range(len(values) - 1) if values[i + 1] < values[i]]
+            if bad:
+                src = origin.get(key) or next((origin[k] for k in origin if k.startswith(key + ".")), "the defaults")
+                raise ConfigError(f"bad value for config key '{key}' in {src}: expected "
+                                  f"{'each value ' if len(values) > 1 else ''}{describe_range(valid)}, got {value!r}")
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key + ".", origin)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_ranges(item, f"{key}.{i}.", origin)
+    train = getattr(obj, "train", None)
+    if prefix == "" and isinstance(train, TrainConfig) and train.batch_size == 0 and train.per_gpu_batch == 0:
+        src = origin.get("train.batch_size", "the defaults")
+        raise ConfigError(f"bad value for config key 'train.batch_size' in {src}: the global batch must be >= 1 "
+                          f"(0 only with train.per_gpu_batch >= 1, which then fixes it)")
+
+
+def check_values(obj: Any, origin: Optional[Dict[str, str]] = None) -> None:
+    """The checks `build_config` makes after merging: choices and numeric ranges (one line naming the key)."""
+    _check_choices(obj, "", origin or {})
+    _check_ranges(obj, "", origin or {})
 
 
 def _leaf_keys(node: Any, prefix: str = "") -> List[str]:
@@ -427,7 +497,7 @@ def build_config(schema: type, files: Sequence[str | Path] = (), overrides: Sequ
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise _rephrase(exc, "the merged config", base_instance) from None
-    _check_choices(obj, "", origin)
+    check_values(obj, origin)
     if files and not obj.name:
         obj.name = Path(files[-1]).stem
     return obj
@@ -497,5 +567,5 @@ def from_dict(schema: type, data: Dict[str, Any], overrides: Sequence[str] = (),
         except OmegaConfBaseException as exc:
             raise _rephrase(exc, f"command-line override '{text}'", inst) from None
     obj = OmegaConf.to_object(cfg)
-    _check_choices(obj, "", {})
+    check_values(obj, {})
     return obj

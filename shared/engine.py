@@ -16,7 +16,7 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -96,16 +96,53 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
         out_dir: Optional[Path] = None,
         on_epoch_end: Optional[Callable[[nn.Module, int], Dict[str, float]]] = None,
         progress_desc: str = "") -> FitResult:
-    """Train `model` on `dataset` (items `(x, label)`, `x` passed through `transform`) as `cfg` says."""
+    """Train `model` on `dataset` (items `(x, label)`, `x` passed through `transform`) as `cfg` says.
+    Rank 0 holds the output folder's lock (`checkpoint.folder_lock`) for the whole run."""
+    dist.init(cfg.train.device)
+    out_dir = Path(out_dir) if out_dir is not None else output_dir(cfg, method)
+    with ckpt.folder_lock(out_dir, enabled=dist.is_main()):
+        return _fit(cfg, model, dataset, transform, method, out_dir, on_epoch_end, progress_desc)
+
+
+# Settings that move the lr / weight-decay / momentum schedules or the order of the data: a resumed run
+# refuses a change to any of them unless train.allow_config_change=true (other changes are logged).
+SCHEDULE_KEYS = ("train.epochs", "train.batch_size", "train.per_gpu_batch", "train.seed", "train.drop_last",
+                 "optim.", "sched.", "data.source", "data.root", "data.train_dir", "data.synthetic.")
+NOT_COMPARED = ("train.out_dir", "train.resume", "train.allow_config_change")
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, dict):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    if isinstance(d, list) and any(isinstance(v, dict) for v in d):
+        out = {f"{prefix}len": len(d)}
+        for i, v in enumerate(d):
+            out.update(_flat(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_changes(stored: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(key, stored value, current value) for every setting that differs between two config dicts."""
+    a, b = _flat(stored or {}), _flat(current)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(NOT_COMPARED)]
+
+
+def _fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[Callable], method: str,
+         out_dir: Path, on_epoch_end, progress_desc: str) -> FitResult:
     _, device = dist.init(cfg.train.device)
     world, rank = dist.world_size(), dist.rank()
     tc = cfg.train
-    out_dir = Path(out_dir) if out_dir is not None else output_dir(cfg, method)
     main = rank == 0
     tc.batch_size = global_batch(tc, world)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        for p in ckpt.remove_stale_temporaries(out_dir):
+            print(f"removed {p}, a temporary file left by a write that was killed", flush=True)
 
     sampler = GlobalBatchSampler(len(dataset), tc.batch_size, rank, world, tc.seed, tc.drop_last)
     spe, epochs = sampler.steps_per_epoch, tc.epochs
@@ -125,20 +162,32 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
 
     start = 0
     last = out_dir / ckpt.LAST
-    if tc.resume and last.is_file():
-        state = ckpt.load(last)
+    state, resumed_from = ckpt.load_for_resume(out_dir, say=dist.print0) if tc.resume else (None, None)
+    if state is not None:
+        changes = config_changes(state.get("config"), to_dict(cfg))
+        moved = [c for c in changes if c[0].startswith(SCHEDULE_KEYS)]
+        if moved and not tc.allow_config_change:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in moved[:4])
+            raise ConfigError(f"{resumed_from} was trained with other settings that move the schedule or the data "
+                              f"order ({what}{', ...' if len(moved) > 4 else ''}); resume with the same settings, "
+                              f"set train.allow_config_change=true to continue anyway, or use another train.out_dir")
+        for k, old, new in changes:
+            dist.print0(f"resuming with a changed setting: {k} {old!r} -> {new!r}")
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"checkpoint {last} does not match this model/optimizer "
+            raise UserError(f"checkpoint {resumed_from} does not match this model/optimizer "
                             f"({first_line(exc)}); use another train.out_dir or train.resume=false") from None
         for g, fresh in zip(optimizer.param_groups, groups):  # the config's lr / wd win over stored ones
             g["peak_lr"], g["base_wd"] = fresh["peak_lr"], fresh["base_wd"]
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         start = int(state["step"])
-        dist.print0(f"resumed from {last} at step {start}/{total}")
+        dist.print0(f"resumed from {resumed_from} at step {start}/{total}")
+        del state
+    if main:
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
     train_model: nn.Module = model
     if world > 1:
@@ -152,7 +201,7 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
         logger.write(f"{method}: {total} steps ({epochs} epochs x {spe}), global batch {tc.batch_size} on "
                      f"{world} process(es), device {device.type}, amp {amp_name(dtype)}, output {out_dir}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    last_saved: Optional[Path] = last if start > 0 else None
+    last_saved: Optional[Path] = resumed_from if start > 0 else None
     pending: List[Any] = []          # the previous step's stats, read one step late (no host sync per step)
     sums: Dict[str, float] = {}
     count = 0
@@ -185,9 +234,20 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
     def save(step_done: int, epoch_done: int) -> None:
         nonlocal last_saved
         drain()
+        # a state with an inf/NaN anywhere (weights, BN statistics, optimiser moments) is never written:
+        # the loss can still be finite when the state already is not. Every rank checks its own.
+        bad = ckpt.nonfinite(ckpt.state_tensors({"model": ckpt.unwrap(model).state_dict(),
+                                                 "optimizer": optimizer.state_dict()["state"]}))
+        if dist.all_reduce_mean(torch.tensor([float(bool(bad))], device=device)).item() > 0:
+            where = f"{last_saved} (intact)" if last_saved else "none written yet"
+            shown = f" ({len(bad)} tensors, e.g. {', '.join(bad[:3])})" if bad else " (on another rank)"
+            raise TrainingError(f"the training state after step {step_done - 1} (epoch {epoch_done}) holds inf/NaN"
+                                f"{shown}; not saved, training stopped. Last good checkpoint: {where}")
         if main:
             state = ckpt.training_state(model, optimizer, scaler, step_done, epoch_done, to_dict(cfg), method)
-            last_saved = ckpt.save_atomic(state, last)
+            # last.pt becomes prev.pt only when it is known to be good (this run wrote it or resumed from
+            # it): a damaged last.pt that the run fell back past must not replace the good prev.pt
+            last_saved = ckpt.save_atomic(state, last, backup=out_dir / ckpt.PREV if last_saved == last else None)
             if tc.keep_every_epochs and step_done % spe == 0 and epoch_done % tc.keep_every_epochs == 0:
                 shutil.copyfile(last, out_dir / f"checkpoint_epoch{epoch_done:04d}.pt")
         else:

@@ -41,6 +41,12 @@ def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], meth
                           "has none: set eval.after_train=[] and evaluate the checkpoint on a labelled set")
     _, device = dist.init(cfg.train.device)
     cfg.train.batch_size = global_batch(cfg.train, dist.world_size())   # before the model reads it
+    # the output folder is this run's from here to the end (a second run on it stops at once)
+    with ckpt.folder_lock(output_dir(cfg, method), enabled=dist.is_main()):
+        return _pretrain(cfg, build_model, method, make_transform, device)
+
+
+def _pretrain(cfg: RunConfig, build_model, method: str, make_transform, device: torch.device) -> Dict[str, Any]:
     if dist.is_main():
         (output_dir(cfg, method) / DONE).unlink(missing_ok=True)          # this run is not finished
     t0 = time.time()

@@ -116,12 +116,12 @@ def test_corrupt_image_stops_with_its_path_and_keeps_checkpoint(tmp_path):
     before = sha(run / "last.pt")
     bad = sorted((data / "train").rglob("*.png"))[5]
     bad.write_bytes(b"garbage")
-    r = run_cli(args[:-1] + ["train.epochs=2"])
+    r = run_cli(args[:-1] + ["train.epochs=2", "train.allow_config_change=true"])
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot read image '{bad}'"), r.stderr
     assert sha(run / "last.pt") == before
-    r = run_cli(args[:-1] + ["train.epochs=2", "data.skip_bad_files=true"])
+    r = run_cli(args[:-1] + ["train.epochs=2", "train.allow_config_change=true", "data.skip_bad_files=true"])
     assert r.returncode == 0, r.stderr
     assert "skipped an unreadable image" in r.stderr
 
@@ -175,7 +175,7 @@ def test_resume_into_a_different_model_is_a_clear_error(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.epochs=1")
     ds = build_image_dataset(cfg.data, "train")
     fit(cfg, build(cfg), ds, MultiView(cfg.aug.views), method="barlow")
-    other = tiny_cfg(tmp_path, "train.epochs=2", "model.projector=32-32")
+    other = tiny_cfg(tmp_path, "train.epochs=2", "model.projector=32-32", "train.allow_config_change=true")
     from shared.errors import UserError
     with pytest.raises(UserError, match="does not match this model"):
         fit(other, build(other), ds, MultiView(other.aug.views), method="barlow")
