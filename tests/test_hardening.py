@@ -259,3 +259,46 @@ def test_the_examples_of_the_issue_stop_with_one_line_before_any_work(tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (override, r.stderr)
         assert not (tmp_path / "x").exists()
     assert build_config(RunConfig, [], ["train.batch_size=0", "train.per_gpu_batch=8"]).train.per_gpu_batch == 8
+
+
+# ------------------------------------------------- 5. classes matched across splits, 16-bit images
+from PIL import Image                                       # noqa: E402
+
+from shared.config import DataConfig                       # noqa: E402
+from shared.data.folder import ImageFolder                  # noqa: E402
+from shared.data.loader import build_image_dataset as build_split  # noqa: E402
+from shared.errors import DataError                         # noqa: E402
+
+
+def _tree(root, split, classes, n=1):
+    for c in classes:
+        (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(root / split / c / f"{i}.png")
+
+
+def test_every_split_takes_the_training_classes_by_name(tmp_path):
+    data = DataConfig(source="folder", root=str(tmp_path), workers=0)
+    _tree(tmp_path, "train", ["ant", "bee", "cat"])
+    _tree(tmp_path, "val", ["ant", "cat"])
+    with pytest.raises(DataError, match=r"lacks class 'bee'"):
+        build_split(data, "val")
+    _tree(tmp_path, "val", ["bee", "dog"])
+    with pytest.raises(DataError, match=r"has class 'dog' that .*train lacks"):
+        build_split(data, "val")
+    (tmp_path / "val" / "dog" / "0.png").unlink()
+    (tmp_path / "val" / "dog").rmdir()
+    val = build_split(data, "val")
+    assert val.classes == ["ant", "bee", "cat"] and [y for _, y in val.samples] == [0, 1, 2]
+    (tmp_path / "train" / "eel").mkdir()
+    with pytest.raises(DataError, match=r"class folder '.*eel' holds no images"):
+        build_split(data, "train")
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
+    a = np.array([[0, 30000], [65535, 1000]], dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "x.png")
+    (tmp_path / "k").mkdir()
+    (tmp_path / "x.png").rename(tmp_path / "k" / "x.png")
+    img, _ = ImageFolder(tmp_path)[0]
+    assert img.mode == "RGB" and np.asarray(img)[..., 0].tolist() == (a >> 8).tolist()

@@ -5,7 +5,7 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,12 +17,42 @@ from shared.errors import DataError
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpe", ".jfif")
 
 
+def class_folders(root: Path) -> List[str]:
+    """The class names of a split in ImageNet layout: its sub-folders, sorted."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+
+
+def _some(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    return f"class{'es' if len(names) > 1 else ''} {shown}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+
+
 def _images(folder: Path) -> List[str]:
     """Every image file under `folder`, recursively, in sorted order."""
     out = []
     for dirpath, _, files in sorted(os.walk(folder, followlinks=True)):
         out += [os.path.join(dirpath, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
     return out
+
+
+def to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """`img` as 8-bit RGB. High-bit-depth images (16-bit PNG/TIFF greyscale: modes I;16*, or I holding
+    16-bit values) are scaled to 8 bits (x >> 8) rather than clipped at 255, which turns them white;
+    floating-point images are refused with one line, since their range is unknown."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        peak = int(a.max()) if a.size else 0
+        if a.size and (int(a.min()) < 0 or peak > 65535):
+            raise DataError(f"cannot read image '{path}': {mode} pixels outside 0..65535 (min {int(a.min())}, "
+                            f"max {peak}); convert it to an 8- or 16-bit image")
+        if mode.startswith("I;16") or peak > 255:
+            a = a >> 8
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        raise DataError(f"cannot read image '{path}': floating-point pixels (mode F) have no fixed range; "
+                        f"convert it to an 8- or 16-bit image")
+    return img.convert("RGB")
 
 
 class ImageFolder(Dataset):
@@ -34,7 +64,7 @@ class ImageFolder(Dataset):
     readable image is returned instead and each skip is logged to stderr with a running count."""
 
     def __init__(self, root: str | Path, skip_bad_files: bool = False, key: str = "data.root",
-                 labelled: bool = True):
+                 labelled: bool = True, classes: Optional[Sequence[str]] = None, classes_from: str = ""):
         root = Path(root)
         layout = "a folder in ImageNet layout" if labelled else "a folder of images (any sub-folders)"
         if not str(root) or not root.exists():
@@ -43,10 +73,26 @@ class ImageFolder(Dataset):
             raise DataError(f"dataset path is not a folder: '{root}' (from {key})")
         self.root = root
         if labelled:
-            self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-            if not self.classes:
+            found = class_folders(root)
+            if not found:
                 raise DataError(f"no class folders in '{root}': expected {root}/<class>/<image> (from {key})")
-            self.samples = [(path, label) for label, cls in enumerate(self.classes) for path in _images(root / cls)]
+            if classes is not None:     # another split's classes: the same names, so that labels agree
+                missing = sorted(set(classes) - set(found))
+                extra = sorted(set(found) - set(classes))
+                if missing or extra:
+                    what = "; ".join(x for x in (f"lacks {_some(missing)}" if missing else "",
+                                                 f"has {_some(extra)} that {classes_from} lacks" if extra else "") if x)
+                    raise DataError(f"class folders of '{root}' do not match those of '{classes_from}': it {what} "
+                                    f"(labels follow the class names of the training split)")
+                found = list(classes)
+            self.classes = found
+            self.samples = []
+            for label, cls in enumerate(self.classes):
+                files = _images(root / cls)
+                if not files:
+                    raise DataError(f"class folder '{root / cls}' holds no images ({', '.join(IMG_EXTENSIONS[:3])}, "
+                                    f"...): remove it or fill it (from {key})")
+                self.samples += [(path, label) for path in files]
         else:
             self.classes = []
             self.samples = [(path, -1) for path in _images(root)]
@@ -66,8 +112,7 @@ class ImageFolder(Dataset):
             if encoded:
                 return EncodedImage(path)
             with open(path, "rb") as f:
-                img = Image.open(f)
-                return img.convert("RGB")
+                return to_rgb(Image.open(f), path)
         except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             reason = str(exc).split("\n")[0] or type(exc).__name__
             raise DataError(f"cannot read image '{path}': {reason}") from None
@@ -115,7 +160,7 @@ class EncodedImage:
                 img.draft("RGB", (self.size[0] // reduction, self.size[1] // reduction))
             k = round(self.size[0] / img.size[0])
             img.load()
-            return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB"))), k
+            return torch.from_numpy(np.array(img if img.mode == "RGB" else to_rgb(img, self.path))), k
         except (OSError, ValueError, RuntimeError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             reason = str(exc).split("\n")[0] or type(exc).__name__
             raise DataError(f"cannot read image '{self.path}': {reason}") from None

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shared.config import DataConfig
-from shared.data.folder import ImageFolder
+from shared.data.folder import ImageFolder, class_folders
 from shared.data.synthetic import SyntheticShapes
 from shared.errors import ConfigError, DataError
 
@@ -141,9 +141,12 @@ def build_image_dataset(data: DataConfig, split: str) -> Dataset:
     if not data.root:
         raise DataError(f"data.source={data.source} needs data.root: the dataset folder holding "
                         f"{data.train_dir}/ and {data.val_dir}/")
+    classes, train_root = None, Path(data.root) / data.train_dir
+    if split != "train" and data.source == "folder" and train_root.is_dir():
+        classes = class_folders(train_root)   # the training split's names decide the labels of every split
     folder = ImageFolder(Path(data.root) / sub, skip_bad_files=data.skip_bad_files,
                          key=f"data.root + data.{'train' if split == 'train' else 'val'}_dir",
-                         labelled=data.source == "folder")
+                         labelled=data.source == "folder", classes=classes or None, classes_from=str(train_root))
     folder.loader_config = data
     return folder
 
