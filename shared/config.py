@@ -258,6 +258,8 @@ class FinetuneConfig:
     warmup_epochs: int = num(5, ">=0")        # linear from warmup_lr, then cosine (per epoch) down to min_lr
     warmup_lr: float = num(1e-6, ">=0")
     min_lr: float = num(1e-5, ">=0")
+    scale_warmup_min_lr: bool = False  # true: warmup_lr and min_lr x global batch / lr_ref_batch, like lr
+                                  # (SimMIM's main_finetune.py); false: absolute (DeiT)
     layer_decay: float = num(1.0, "(0,1]")      # layer-wise lr decay (BEiT/MAE): block i gets decay^(depth - i); 1.0 = off
     clip_grad: float = num(0.0, ">=0")        # max global grad norm; 0 = off (DeiT's default)
     drop_path: float = num(0.1, "[0,1)")        # stochastic depth of the fine-tuned backbone (timm models)

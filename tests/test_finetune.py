@@ -93,16 +93,16 @@ def _first_and_last_lr(cfg: RunConfig, tmp_path: Path, spe: int):
 @pytest.mark.parametrize("batch", [1024, 2048])
 def test_warmup_and_min_lr_of_the_simmim_and_deit_recipes(tmp_path, batch):
     """SimMIM's main_finetune.py multiplies BASE_LR, WARMUP_LR and MIN_LR (1.25e-3, 2.5e-7, 2.5e-7) by
-    batch / 512: at its batch 2048 the schedule starts and ends at 1e-6. DeiT (MoCo v3's fine-tune)
-    scales only the lr: warm-up from 1e-6 and floor 1e-5 at any batch."""
+    batch / 512: the schedule starts and ends at 1e-6 at batch 2048, 5e-7 at 1024. DeiT (MoCo v3's
+    fine-tune) scales only the lr: warm-up from 1e-6 and floor 1e-5 at any batch."""
     from mocov3.train import Config as MoCoConfig
     from simmim.train import Config as SimMIMConfig
     root = Path(__file__).resolve().parents[1]
     spe = 100                                         # iterations per epoch
-    cfg = build_config(SimMIMConfig, [root / "simmim/configs/vit_base_800ep.yaml"], ["data.root=/x"])
-    assert cfg.eval.finetune.batch_size == 2048
+    cfg = build_config(SimMIMConfig, [root / "simmim/configs/vit_base_800ep.yaml"],
+                       ["data.root=/x", f"eval.finetune.batch_size={batch}"])
     first, last = _first_and_last_lr(cfg, tmp_path, spe)
-    peak, floor, total = 1.25e-3 * 2048 / 512, 2.5e-7 * 2048 / 512, spe * 100
+    peak, floor, total = 1.25e-3 * batch / 512, 2.5e-7 * batch / 512, spe * 100
     assert math.isclose(first, floor, rel_tol=1e-9)
     # timm's per-iteration cosine over all iterations, warm-up included, at the last one
     assert math.isclose(last, floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)),
@@ -122,6 +122,7 @@ def test_default_recipe_is_deit():
     fc = RunConfig().eval.finetune
     assert (fc.epochs, fc.batch_size, fc.lr, fc.lr_ref_batch, fc.weight_decay) == (300, 1024, 5e-4, 512, 0.05)
     assert (fc.warmup_epochs, fc.warmup_lr, fc.min_lr, fc.drop_path, fc.layer_decay) == (5, 1e-6, 1e-5, 0.1, 1.0)
+    assert not fc.scale_warmup_min_lr                 # absolute, as DeiT's arguments
     assert (fc.rand_augment, fc.reprob, fc.remode, fc.recount, fc.color_jitter) == (
         "rand-m9-mstd0.5-inc1", 0.25, "pixel", 1, 0.4)
     assert (fc.mixup, fc.cutmix, fc.mixup_prob, fc.mixup_switch_prob, fc.smoothing) == (0.8, 1.0, 1.0, 0.5, 0.1)

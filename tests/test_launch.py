@@ -137,6 +137,11 @@ def test_global_batch_or_fixed_per_gpu_batch():
     assert plan().train.batch_size == 2048 and plan(nodes=1).train.batch_size == 2048   # the recipe's global batch
     assert plan("train.per_gpu_batch=128").train.batch_size == 4096                       # grows with the GPUs
     assert plan("train.per_gpu_batch=128", nodes=2).train.batch_size == 2048
+    from shared.errors import ConfigError
+    for bad, said in (("train.batch_size=0", "the global batch must be >= 1"), ("train.log_every=0", "train.log_every"),
+                      ("train.batch_size=-4", "train.batch_size")):   # refused before anything is submitted
+        with pytest.raises(ConfigError, match=said):
+            plan(bad)
     from shared.optim import param_groups
     from barlow.train import build
     cfg = plan("train.per_gpu_batch=16", "model.backbone.name=resnet18", "model.projector=64-64")

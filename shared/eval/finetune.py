@@ -242,12 +242,15 @@ def finetune_config(cfg: RunConfig, out_dir: Path, no_decay: Sequence[str] = ("n
     if peak <= 0 or fc.warmup_lr < 0 or fc.min_lr < 0:
         raise ConfigError(f"eval.finetune: lr={fc.lr} must be > 0, warmup_lr={fc.warmup_lr} and "
                           f"min_lr={fc.min_lr} >= 0")
+    # warm-up start and floor as fractions of the peak: fixed ones when they scale with the batch as
+    # the lr does (SimMIM), shrinking as the batch grows when they are absolute (DeiT)
+    ref_lr = fc.lr if fc.scale_warmup_min_lr else peak
     return replace(
         cfg,
         optim=OptimConfig(name="adamw", lr=fc.lr, lr_ref_batch=fc.lr_ref_batch, weight_decay=fc.weight_decay,
                           no_decay=list(no_decay), betas=tuple(fc.betas), eps=fc.eps, clip_grad=fc.clip_grad),
-        sched=ScheduleConfig(kind="cosine", warmup_epochs=fc.warmup_epochs, warmup_start=fc.warmup_lr / peak,
-                             final=fc.min_lr / peak, per_epoch=fc.per_epoch, warmup_prefix=False,
+        sched=ScheduleConfig(kind="cosine", warmup_epochs=fc.warmup_epochs, warmup_start=fc.warmup_lr / ref_lr,
+                             final=fc.min_lr / ref_lr, per_epoch=fc.per_epoch, warmup_prefix=False,
                              lag_epochs=fc.lag_epochs),
         train=replace(cfg.train, amp=fc.amp, epochs=fc.epochs, batch_size=fc.batch_size, per_gpu_batch=0,
                       drop_last=True, out_dir=str(out_dir), sync_bn=False, compile=False, ckpt_every_epochs=1,
