@@ -240,8 +240,8 @@ def build_cfg(a: argparse.Namespace, out_dir: Path, seed: int):
 
     cfg = get_cfg()
     try:
-        cfg.merge_from_file(a.config)
-    except Exception as exc:   # unknown key, bad _BASE_, yaml syntax
+        cfg.merge_from_file(a.config, allow_unsafe=False)   # detectron2 falls back to yaml.unsafe_load otherwise
+    except Exception as exc:   # unknown key, bad _BASE_, yaml syntax, a !!python tag
         raise UserError(f"--config {a.config}: {type(exc).__name__}: {first_line(exc)}") from None
     cfg.MODEL.WEIGHTS = "" if a.weights == "none" else str(Path(a.weights).resolve())
     cfg.OUTPUT_DIR = str(out_dir)
