@@ -29,7 +29,7 @@ import torch.nn as nn
 from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer
 
-from shared.config import BackboneConfig, ModelConfig, ViewConfig, num
+from shared.config import BackboneConfig, ModelConfig, ViewConfig, choice, num
 from shared.data.augment import build_view
 from shared.errors import ConfigError
 from shared.models import build_backbone
@@ -43,6 +43,10 @@ class SimMIMModelConfig(ModelConfig):
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="swin_base_patch4_window7_224"))
     mask_patch_size: int = num(32, ">=1")       # DATA.MASK_PATCH_SIZE: side of a mask unit, in pixels
     mask_ratio: float = num(0.6, "(0,1)")         # DATA.MASK_RATIO: ceil(units x ratio) units masked per image
+    # ViT only. official: VisionTransformerForSimMIM's init (every trunc-normal draw cut at ±1 std).
+    # timm: timm's BEiT init (std 0.02, untruncated), the patch projection drawn like the Linears,
+    # the mask token cut at ±1 std; what this project used before, kept for the CPU demo (README)
+    vit_init: str = choice("official", "official", "timm")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -158,8 +162,12 @@ class SimMIM(nn.Module):
                               "(swin_*) or BEiT-style ViT (beit_*) backbone")
         self.is_vit = isinstance(bb, Beit)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, int(bb.embed_dim)))
-        if self.is_vit:
+        if self.is_vit and cfg.vit_init == "official":
             init_vit_as_simmim(bb, self.mask_token)
+        elif self.is_vit:
+            nn.init.trunc_normal_(bb.patch_embed.proj.weight, std=VIT_INIT_STD)   # bounds ±2: untruncated
+            nn.init.zeros_(bb.patch_embed.proj.bias)
+            nn.init.trunc_normal_(self.mask_token, std=VIT_INIT_STD, a=-VIT_INIT_STD, b=VIT_INIT_STD)
         else:
             nn.init.trunc_normal_(self.mask_token, std=0.02)      # bounds ±2 (absolute): no truncation
         self.stride = encoder_stride(bb)

@@ -214,6 +214,20 @@ def test_tiny_vit_init_is_the_official_one_sigma_truncation():
     check_official_vit_init(tiny_vit(embed_dim=48, depth=3, num_heads=2))
 
 
+def test_the_demo_s_timm_vit_init_is_untruncated():
+    """`model.vit_init: timm` (the CPU demo only): timm's BEiT draws, std 0.02 with no truncation, the
+    patch projection drawn like them, the mask token still cut at ±1 std."""
+    torch.manual_seed(0)
+    model = SimMIM(SimMIMModelConfig(vit_init="timm", backbone=BackboneConfig(
+        name="beit_base_patch16_224", img_size=32, kwargs={**VIT_KWARGS, "patch_size": 4, "embed_dim": 48,
+                                                          "depth": 3, "num_heads": 2})))
+    qkv = model.backbone.blocks[0].attn.qkv.weight
+    assert math.isclose(qkv.std().item(), 0.02, rel_tol=5 / math.sqrt(qkv.numel())) and qkv.abs().max() > 0.05
+    pe = model.backbone.patch_embed.proj.weight
+    assert math.isclose(pe.std().item(), 0.02, rel_tol=5 / math.sqrt(pe.numel())) and pe.abs().max() > 0.05
+    assert model.mask_token.abs().max() <= 0.02
+
+
 def test_swin_init_is_not_truncated():
     """The official Swin keeps timm's trunc_normal_ (bounds ±2, absolute): plain N(0, 0.02²)."""
     torch.manual_seed(0)
