@@ -4,11 +4,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test transfer-env transfer-test transfer-demo clean
+.PHONY: install demo test transfer-env transfer-test transfer-demo clean clean-venv
 
-$(STAMP): pyproject.toml
+# The versions the suite and the demo were measured with (constraints.txt; torch left open). Another set:
+# `make test CONSTRAINTS=other.txt`, or `CONSTRAINTS=` for the open ranges of pyproject.toml alone
+# (after `make clean-venv`, since an existing venv is kept as it is).
+CONSTRAINTS ?= constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check $(if $(strip $(CONSTRAINTS)),-c $(CONSTRAINTS)) -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -70,3 +75,6 @@ transfer-demo: $(TSTAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+clean-venv:
+	rm -rf $(VENV)
