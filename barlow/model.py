@@ -37,6 +37,8 @@ class BarlowModelConfig(ModelConfig):
 
 
 class BarlowTwins(nn.Module):
+    BATCH_COUPLING = "its cross-correlation matrix (and BatchNorm) is computed over the whole batch"
+
     def __init__(self, cfg: BarlowModelConfig, global_batch: int):
         super().__init__()
         self.backbone = build_backbone(cfg.backbone)

@@ -95,6 +95,8 @@ class Neck(nn.Module):
 
 
 class DenseCL(nn.Module):
+    BATCH_COUPLING = "BatchNorm and shuffle-BN see the batch, and the queue takes the whole batch once per step"
+
     def __init__(self, cfg: DenseCLModelConfig, global_batch: int):
         super().__init__()
         self.backbone = build_backbone(cfg.backbone)

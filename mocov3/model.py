@@ -99,6 +99,8 @@ def moco_vit_init(vit: VisionTransformer, stop_grad_conv1: bool) -> None:
 
 # -------------------------------------------------------------------------------------- MoCo v3
 class MoCoV3(nn.Module):
+    BATCH_COUPLING = "each query's negatives are the other keys of the batch (and BatchNorm sees the batch)"
+
     def __init__(self, cfg: MoCoV3ModelConfig):
         super().__init__()
         self.backbone = build_backbone(cfg.backbone)

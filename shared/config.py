@@ -207,6 +207,8 @@ class TrainConfig:
     ckpt_every_steps: int = num(0, ">=0")     # also every N steps (0: off)
     keep_every_epochs: int = num(0, ">=0")    # keep a numbered copy every N epochs (0: off)
     log_every: int = num(20, ">=1")           # steps between log lines
+    accum_steps: int = num(1, ">=1")  # gradient accumulation: each step's batch in k micro-batches, one optimiser
+                                  # step; only where exact (a per-sample loss, no BatchNorm: SimMIM), else refused
     tensorboard: bool = True
 
 
@@ -258,6 +260,7 @@ class FinetuneConfig:
     warmup_epochs: int = num(5, ">=0")        # linear from warmup_lr, then cosine (per epoch) down to min_lr
     warmup_lr: float = num(1e-6, ">=0")
     min_lr: float = num(1e-5, ">=0")
+    accum_steps: int = num(1, ">=1")  # gradient accumulation (train.accum_steps) for the fine-tuning run
     scale_warmup_min_lr: bool = False  # true: warmup_lr and min_lr x global batch / lr_ref_batch, like lr
                                   # (SimMIM's main_finetune.py); false: absolute (DeiT)
     layer_decay: float = num(1.0, "(0,1]")      # layer-wise lr decay (BEiT/MAE): block i gets decay^(depth - i); 1.0 = off

@@ -132,6 +132,51 @@ def config_changes(stored: Dict[str, Any], current: Dict[str, Any]) -> List[Tupl
             if a.get(k) != b.get(k) and not k.startswith(NOT_COMPARED)]
 
 
+def check_accumulation(model: nn.Module, method: str, k: int, per_rank: int) -> None:
+    """Gradient accumulation is the same optimisation as the full batch only when the loss is a mean
+    of per-sample terms: a method says so with `BATCH_COUPLING = None` (otherwise it names what couples
+    the batch), and no BatchNorm may see the micro-batches."""
+    why = getattr(type(ckpt.unwrap(model)), "BATCH_COUPLING", "its loss is not declared a mean of per-sample terms")
+    if why is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        why = "its BatchNorm statistics would come from the micro-batches"
+    if why is not None:
+        raise ConfigError(f"train.accum_steps={k} is not exact for {method}: {why}, so {k} micro-batches are not "
+                          f"the same update as one batch; set train.accum_steps=1 (use more GPUs, or a smaller "
+                          f"train.batch_size with the recipe's lr rule)")
+    if per_rank % k:
+        raise ConfigError(f"train.accum_steps={k} must divide the per-process batch {per_rank} "
+                          f"(train.batch_size / world size)")
+
+
+def split_batch(batch: Any, k: int) -> List[Any]:
+    """`batch` (tensors, in tuples / lists / dicts) cut into k equal micro-batches along dim 0."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.chunk(k))
+    if isinstance(batch, (list, tuple)):
+        return [type(batch)(parts) for parts in zip(*(split_batch(b, k) for b in batch))]
+    if isinstance(batch, dict):
+        cut = {key: split_batch(v, k) for key, v in batch.items()}
+        return [{key: cut[key][j] for key in batch} for j in range(k)]
+    return [batch] * k
+
+
+def accumulate(train_model: nn.Module, parts: List[Any], ctx: StepContext, scaler, device: torch.device,
+               dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """Forward and backward each micro-batch with its loss / k, gradients summing in .grad; under DDP
+    only the last backward all-reduces. Returns the mean of each logged value over the micro-batches."""
+    k = len(parts)
+    inner = getattr(train_model, "_orig_mod", train_model)
+    ddp = inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
+    outs = []
+    for j, part in enumerate(parts):
+        with ddp.no_sync() if ddp is not None and j < k - 1 else nullcontext():
+            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+                o = train_model(part, ctx)
+            scaler.scale(o["loss"] / k).backward()
+        outs.append({n: torch.as_tensor(v, device=device).detach().float() for n, v in o.items()})
+    return {n: torch.stack([o[n] for o in outs]).mean() for n in outs[0]}
+
+
 def _fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[Callable], method: str,
          out_dir: Path, on_epoch_end, progress_desc: str) -> FitResult:
     _, device = dist.init(cfg.train.device)
@@ -201,6 +246,9 @@ def _fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional
         logger.write(f"{method}: {total} steps ({epochs} epochs x {spe}), global batch {tc.batch_size} on "
                      f"{world} process(es), device {device.type}, amp {amp_name(dtype)}, output {out_dir}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    accum = tc.accum_steps
+    if accum > 1:
+        check_accumulation(model, method, accum, tc.batch_size // world)
     last_saved: Optional[Path] = resumed_from if start > 0 else None
     pending: List[Any] = []          # the previous step's stats, read one step late (no host sync per step)
     sums: Dict[str, float] = {}
@@ -268,11 +316,15 @@ def _fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional
                 ema = ema_momentum(step, spe, epochs, cfg.sched)
                 ctx = StepContext(step, epoch, spe, total, lr_f, ema, tc.batch_size, world)
                 batch = to_device(batch, device, tc.channels_last)
-                with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                    out = train_model(batch, ctx)
-                loss = out["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                if accum == 1:
+                    with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+                        out = train_model(batch, ctx)
+                    loss = out["loss"]
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    out = accumulate(train_model, split_batch(batch, accum), ctx, scaler, device, dtype)
                 if cfg.optim.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)

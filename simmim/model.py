@@ -153,6 +153,10 @@ def init_vit_as_simmim(bb: Beit, mask_token: nn.Parameter, std: float = VIT_INIT
 
 
 class SimMIM(nn.Module):
+    # the loss is sum |x - x̂|·m / (sum m + 1e-5) / 3: every image has the same number of masked pixels,
+    # so it is the mean of per-image losses (up to the 1e-5); no BatchNorm: accumulation is exact
+    BATCH_COUPLING = None
+
     def __init__(self, cfg: SimMIMModelConfig):
         super().__init__()
         self.backbone = build_backbone(cfg.backbone)

@@ -174,6 +174,9 @@ def stage_depths(backbone: nn.Module) -> Optional[List[int]]:
 
 class Finetuner(nn.Module):
     """`backbone` (trained) -> Linear head; `forward` mixes the batch and returns the soft-target loss."""
+    # a mean of per-sample losses; under gradient accumulation mixup pairs images within each
+    # micro-batch, as MAE's accum_iter does (the engine still refuses a backbone with BatchNorm)
+    BATCH_COUPLING = None
 
     def __init__(self, backbone: nn.Module, num_classes: int, mix: MixupCutmix, head_init_std: float = 0.02,
                  layer_decay: float = 1.0):
@@ -252,7 +255,7 @@ def finetune_config(cfg: RunConfig, out_dir: Path, no_decay: Sequence[str] = ("n
         sched=ScheduleConfig(kind="cosine", warmup_epochs=fc.warmup_epochs, warmup_start=fc.warmup_lr / ref_lr,
                              final=fc.min_lr / ref_lr, per_epoch=fc.per_epoch, warmup_prefix=False,
                              lag_epochs=fc.lag_epochs),
-        train=replace(cfg.train, amp=fc.amp, epochs=fc.epochs, batch_size=fc.batch_size, per_gpu_batch=0,
+        train=replace(cfg.train, accum_steps=fc.accum_steps, amp=fc.amp, epochs=fc.epochs, batch_size=fc.batch_size, per_gpu_batch=0,
                       drop_last=True, out_dir=str(out_dir), sync_bn=False, compile=False, ckpt_every_epochs=1,
                       keep_every_epochs=0),
     )

@@ -80,7 +80,7 @@ def probe_config(cfg: RunConfig, out_dir: Path, cached: bool, log_every: int) ->
         optim=OptimConfig(name=lc.optimizer, lr=lc.lr, lr_ref_batch=lc.lr_ref_batch, weight_decay=lc.weight_decay,
                           momentum=lc.momentum),
         sched=ScheduleConfig(kind="cosine", warmup_epochs=lc.warmup_epochs, per_epoch=lc.schedule == "cosine_epoch"),
-        train=replace(cfg.train, amp=lc.amp, epochs=lc.epochs, batch_size=lc.batch_size, per_gpu_batch=0, drop_last=False, out_dir=str(out_dir),
+        train=replace(cfg.train, accum_steps=1, amp=lc.amp, epochs=lc.epochs, batch_size=lc.batch_size, per_gpu_batch=0, drop_last=False, out_dir=str(out_dir),
                       sync_bn=False, compile=False, ckpt_every_epochs=1, ckpt_every_steps=0, keep_every_epochs=0,
                       log_every=log_every),
     )
