@@ -32,6 +32,13 @@ def save_json(obj: Any, path: str | Path) -> Path:
     return save_atomic(json.dumps(obj, indent=2) + "\n", path, write=lambda text, f: f.write(text.encode()))
 
 
+def _discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
 def _keep_as(path: Path, backup: Path) -> None:
     """Make `backup` the current `path` atomically (a hard link renamed into place; a copy where the
     file system has no links): at every moment `backup` is either its old or its new content."""
@@ -45,10 +52,7 @@ def _keep_as(path: Path, backup: Path) -> None:
             shutil.copyfile(path, tmp)
         os.replace(tmp, backup)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _discard(tmp)
         raise
 
 
@@ -70,10 +74,7 @@ def save_atomic(obj: Any, path: str | Path, write: Optional[Callable[[Any, Any],
             _keep_as(path, Path(backup))
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _discard(tmp)
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)

@@ -401,28 +401,33 @@ def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> List[Tuple[str, Any]]
     return chain
 
 
-def _check_choices(obj: Any, prefix: str, origin: Dict[str, str]) -> None:
+def _fields(obj: Any, prefix: str = ""):
+    """(key, dataclass field, value) of every field of a config instance, sections and lists of
+    sections included (list items as `key.N.`)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
+        yield key, f, value
+        if dataclasses.is_dataclass(value):
+            yield from _fields(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from _fields(item, f"{key}.{i}.")
+
+
+def _check_choices(obj: Any, prefix: str, origin: Dict[str, str]) -> None:
+    for key, f, value in _fields(obj, prefix):
         allowed = f.metadata.get("choices")
         if allowed and value not in allowed:
             src = origin.get(key, "the defaults")
             raise ConfigError(
                 f"bad value for config key '{key}' in {src}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
-        if dataclasses.is_dataclass(value):
-            _check_choices(value, key + ".", origin)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if dataclasses.is_dataclass(item):
-                    _check_choices(item, f"{key}.{i}.", origin)
 
 
 def _check_ranges(obj: Any, prefix: str, origin: Dict[str, str]) -> None:
     """Every `num` field within its declared range, and the few rules that join two fields."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
+    for key, f, value in _fields(obj, prefix):
         valid = f.metadata.get("range")
         if valid and value is not None:
             values = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -433,12 +438,6 @@ def _check_ranges(obj: Any, prefix: str, origin: Dict[str, str]) -> None:
                 src = origin.get(key) or next((origin[k] for k in origin if k.startswith(key + ".")), "the defaults")
                 raise ConfigError(f"bad value for config key '{key}' in {src}: expected "
                                   f"{'each value ' if len(values) > 1 else ''}{describe_range(valid)}, got {value!r}")
-        if dataclasses.is_dataclass(value):
-            _check_ranges(value, key + ".", origin)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if dataclasses.is_dataclass(item):
-                    _check_ranges(item, f"{key}.{i}.", origin)
     train = getattr(obj, "train", None)
     if prefix == "" and isinstance(train, TrainConfig) and train.batch_size == 0 and train.per_gpu_batch == 0:
         src = origin.get("train.batch_size", "the defaults")
