@@ -78,16 +78,32 @@ class GlobalBatchSampler(Sampler[List[Tuple[int, int]]]):
     """Yields this rank's `(index, sample_seed)` list for each step of the current epoch.
 
     drop_last=False keeps the final partial global batch (padded by wrap-around so that it splits
-    evenly over ranks, as torch's DistributedSampler pads)."""
+    evenly over ranks, as torch's DistributedSampler pads).
+
+    `repeats` > 1 is repeated augmentation (DeiT's RASampler): the epoch's permutation with each index
+    written `repeats` times in a row, cut after n entries (so an epoch has as many steps as without it
+    and covers about n / repeats distinct images), and each global batch dealt to the ranks in turn
+    (entry j to rank j mod world) rather than in contiguous slices, so the consecutive copies of an
+    image land on different ranks when world >= repeats (world 2, repeats 3: both ranks, one of them
+    twice). Each copy has its own seed (the copy number enters it), so the copies are augmented
+    differently. The global batch of a step, as a set, does not depend on the world size, and a
+    resumed epoch continues with the same batches. Both take the first entries of the repeated list:
+    DeiT num_selected_samples = floor((n // 256) * 256 / world) per rank, so (n // 256) * 256 // global
+    batch steps with its drop_last loader; ours n // global batch steps (drop_last), the same whenever
+    the global batch is a multiple of 256 (DeiT's 1024), else up to n mod 256 samples more (at most one
+    step for a global batch of 256 or more). DeiT uses the RASampler only when distributed; here
+    `repeats` holds for any world size (one process: the copies share a rank)."""
 
     def __init__(self, n: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 drop_last: bool = True, shuffle: bool = True):
+                 drop_last: bool = True, shuffle: bool = True, repeats: int = 1):
         if global_batch % world_size:
             raise DataError(f"global batch {global_batch} is not divisible by the world size {world_size}")
         if n < (global_batch if drop_last else 1):
             raise DataError(f"dataset has {n} samples, fewer than one global batch of {global_batch} (drop_last)")
+        if repeats < 1:
+            raise DataError(f"repeats={repeats}: expected 1 (no repeated augmentation) or more")
         self.n, self.batch, self.rank, self.world = n, global_batch, rank, world_size
-        self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
+        self.seed, self.drop_last, self.shuffle, self.repeats = seed, drop_last, shuffle, repeats
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -101,8 +117,7 @@ class GlobalBatchSampler(Sampler[List[Tuple[int, int]]]):
         return self.steps_per_epoch - self.start_step
 
     def global_batch_indices(self, step: int) -> List[int]:
-        order = self._order()
-        return self._batch(order, step)
+        return [i for i, _ in self._batch(self._slots(), step)]
 
     def _order(self) -> List[int]:
         if not self.shuffle:
@@ -110,18 +125,30 @@ class GlobalBatchSampler(Sampler[List[Tuple[int, int]]]):
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, _PERMUTATION))
         return torch.randperm(self.n, generator=g).tolist()
 
-    def _batch(self, order: List[int], step: int) -> List[int]:
-        idx = order[step * self.batch:(step + 1) * self.batch]
+    def _slots(self) -> List[Tuple[int, int]]:
+        """The epoch's n entries (index, copy number)."""
+        order = self._order()
+        if self.repeats == 1:
+            return [(i, 0) for i in order]
+        return [(i, c) for i in order[:-(-self.n // self.repeats)] for c in range(self.repeats)][:self.n]
+
+    def _seed(self, index: int, copy: int) -> int:
+        if self.repeats == 1:     # unchanged by the repeated augmentation option
+            return sample_seed(self.seed, self.epoch, index)
+        return sample_seed(self.seed, self.epoch, index * self.repeats + copy)
+
+    def _batch(self, slots: List[Tuple[int, int]], step: int) -> List[Tuple[int, int]]:
+        idx = slots[step * self.batch:(step + 1) * self.batch]
         pad = -len(idx) % self.world
-        return idx + order[:pad]
+        return idx + slots[:pad]
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        order = self._order()
+        slots = self._slots()
         for step in range(self.start_step, self.steps_per_epoch):
-            idx = self._batch(order, step)
+            idx = self._batch(slots, step)
             per = len(idx) // self.world
-            mine = idx[self.rank * per:(self.rank + 1) * per]
-            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in mine]
+            mine = idx[self.rank * per:(self.rank + 1) * per] if self.repeats == 1 else idx[self.rank::self.world]
+            yield [(i, self._seed(i, c)) for i, c in mine]
 
 
 def build_image_dataset(data: DataConfig, split: str) -> Dataset:
