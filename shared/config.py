@@ -209,6 +209,8 @@ class TrainConfig:
     log_every: int = num(20, ">=1")           # steps between log lines
     accum_steps: int = num(1, ">=1")  # gradient accumulation: each step's batch in k micro-batches, one optimiser
                                   # step; only where exact (a per-sample loss, no BatchNorm: SimMIM), else refused
+    repeated_aug: int = num(1, ">=1")  # repeated augmentation: each image this many times in a row per epoch, the
+                                  # copies on different ranks (DeiT's RASampler; GlobalBatchSampler); 1 = off
     tensorboard: bool = True
 
 
@@ -261,6 +263,13 @@ class FinetuneConfig:
     warmup_lr: float = num(1e-6, ">=0")
     min_lr: float = num(1e-5, ">=0")
     accum_steps: int = num(1, ">=1")  # gradient accumulation (train.accum_steps) for the fine-tuning run
+    repeated_aug: int = num(3, ">=1")  # DeiT's repeated augmentation (train.repeated_aug): each image 3 times an
+                                  # epoch on different ranks, an epoch as many steps as without it; 1 = off
+                                  # (SimMIM's own fine-tuning has none)
+    model_ema: bool = True        # keep an EMA of the weights (DeiT's default), updated after each optimiser step,
+                                  # kept in the checkpoint; DeiT reports the trained model, not the EMA
+    model_ema_decay: float = num(0.99996, "[0,1]")  # ema = decay * ema + (1 - decay) * weights (and float buffers)
+    eval_ema: bool = False        # also evaluate the EMA (ema_top1 / ema_top5 beside top1 / top5); needs model_ema
     scale_warmup_min_lr: bool = False  # true: warmup_lr and min_lr x global batch / lr_ref_batch, like lr
                                   # (SimMIM's main_finetune.py); false: absolute (DeiT)
     layer_decay: float = num(1.0, "(0,1]")      # layer-wise lr decay (BEiT/MAE): block i gets decay^(depth - i); 1.0 = off
@@ -310,6 +319,30 @@ class SegProbeConfig:
 
 
 @dataclass
+class SemiSupConfig:
+    """Semi-supervised fine-tuning (`shared.eval.semisup`), Barlow Twins' `evaluate.py --weights finetune`:
+    the whole backbone and a linear classifier (weight ~ N(0, 0.01), bias 0) trained in train mode
+    (BatchNorm on batch statistics) with SGD on two parameter groups, cosine per epoch to 0, on a subset
+    of the training split. Defaults: the official README's 1 % command (evaluate.py's own defaults are
+    100 epochs, lr_backbone 0, weight decay 1e-6). Learning rates are absolute (no batch scaling)."""
+
+    epochs: int = num(20, ">=1")
+    batch_size: int = num(256, ">=1")         # global batch
+    lr_backbone: float = num(0.005, ">=0")    # every backbone parameter (the README said 0.002 before 2022-02)
+    lr_classifier: float = num(0.5, ">0")    # the linear classifier
+    weight_decay: float = num(0.0, ">=0")     # SGD's, on every parameter (evaluate.py's default: 1e-6)
+    momentum: float = num(0.9, "[0,1)")
+    subset_file: str = ""         # the training images to use, one file name a line (SimCLR's 1percent.txt /
+                                  # 10percent.txt: n01440764_10026.JPEG); data.source=synthetic: the names that
+                                  # `shared.data.synthetic.export` gives them (train_000012.png); "": all images
+    train_percent: float = num(1.0, "(0,100]")  # the share of the training split subset_file holds (SimCLR: 1 or 10);
+                                  # documentation, printed next to the measured share
+    crop_scale: Tuple[float, float] = num((0.08, 1.0), "(0,1] ordered")   # RandomResizedCrop(eval.image_size) + flip
+    eval_every_epochs: int = num(1, ">=1")    # top-1 on the val split (official: every epoch)
+    amp: str = choice("fp32", "auto", "bf16", "fp16", "fp32")   # the official run is fp32
+
+
+@dataclass
 class EvalConfig:
     after_train: List[str] = field(default_factory=lambda: ["knn"])  # any of knn, linear, finetune, seg
     compare_random_init: bool = False  # also evaluate a random-init backbone of the same architecture
@@ -322,6 +355,7 @@ class EvalConfig:
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seg: SegProbeConfig = field(default_factory=SegProbeConfig)
+    semisup: SemiSupConfig = field(default_factory=SemiSupConfig)
 
 
 @dataclass

@@ -4,9 +4,12 @@ A method is an `nn.Module` whose `forward(batch, ctx)` returns a dict with a sca
 other scalar logs; `batch` is what the data pipeline yields (moved to the device) and `ctx` a
 `StepContext` (step, epoch, scheduled momentum-encoder coefficient, ...). Everything else lives
 here: device placement, synchronised BN and DDP, AMP, channels_last, torch.compile, gradient
-clipping, the per-step lr / weight-decay / momentum schedules, periodic atomic checkpoints,
-auto-resume from the output folder, metrics (JSON lines, TensorBoard, tqdm, img/s) and a guard that
-stops on a non-finite loss, naming the step and the last good checkpoint.
+clipping and (where exact) accumulation, the per-step lr / weight-decay / momentum schedules,
+periodic atomic checkpoints of finite states only (the previous one kept as prev.pt), auto-resume
+from the output folder (falling back to prev.pt, refusing a changed schedule), a lock that keeps a
+second run out of the folder, metrics (JSON lines, TensorBoard, tqdm, img/s) and a guard that stops
+on a non-finite loss, naming the step and the last good checkpoint. The evaluations build on this
+loop; it imports none of them (pretraining composes both: `shared.pretrain`).
 """
 from __future__ import annotations
 
@@ -107,6 +110,7 @@ def fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional[
 # Settings that move the lr / weight-decay / momentum schedules or the order of the data: a resumed run
 # refuses a change to any of them unless train.allow_config_change=true (other changes are logged).
 SCHEDULE_KEYS = ("train.epochs", "train.batch_size", "train.per_gpu_batch", "train.seed", "train.drop_last",
+                 "train.repeated_aug",
                  "optim.", "sched.", "data.source", "data.root", "data.train_dir", "data.synthetic.")
 NOT_COMPARED = ("train.out_dir", "train.resume", "train.allow_config_change")
 
@@ -189,7 +193,8 @@ def _fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional
         for p in ckpt.remove_stale_temporaries(out_dir):
             print(f"removed {p}, a temporary file left by a write that was killed", flush=True)
 
-    sampler = GlobalBatchSampler(len(dataset), tc.batch_size, rank, world, tc.seed, tc.drop_last)
+    sampler = GlobalBatchSampler(len(dataset), tc.batch_size, rank, world, tc.seed, tc.drop_last,
+                                 repeats=tc.repeated_aug)
     spe, epochs = sampler.steps_per_epoch, tc.epochs
     total = spe * epochs
     loader = make_loader(SeededDataset(dataset, transform), sampler, cfg.data.workers,
@@ -330,6 +335,8 @@ def _fit(cfg: RunConfig, model: nn.Module, dataset: Dataset, transform: Optional
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
+                if hasattr(model, "after_optimizer_step"):   # a model's own bookkeeping, e.g. a weight EMA
+                    model.after_optimizer_step()
 
                 names = ["loss"] + [k for k in out if k != "loss"]
                 stats = torch.stack([torch.as_tensor(out[k], device=device).detach().float().reshape(())

@@ -126,6 +126,7 @@ def test_default_recipe_is_deit():
     assert (fc.rand_augment, fc.reprob, fc.remode, fc.recount, fc.color_jitter) == (
         "rand-m9-mstd0.5-inc1", 0.25, "pixel", 1, 0.4)
     assert (fc.mixup, fc.cutmix, fc.mixup_prob, fc.mixup_switch_prob, fc.smoothing) == (0.8, 1.0, 1.0, 0.5, 0.1)
+    assert (fc.repeated_aug, fc.model_ema, fc.model_ema_decay, fc.eval_ema) == (3, True, 0.99996, False)
 
 
 # -------------------------------------------------------------------------------- param groups

@@ -1,5 +1,6 @@
-"""Evaluation: weighted kNN, the linear probe, end-to-end fine-tuning and the segmentation linear
-probe, after pretraining or on any checkpoint (`python -m shared.eval <checkpoint>`)."""
+"""Evaluation: weighted kNN, the linear probe, end-to-end fine-tuning, semi-supervised fine-tuning on a
+labelled subset and the segmentation linear probe, after pretraining or on any checkpoint
+(`python -m shared.eval <checkpoint>`)."""
 from __future__ import annotations
 
 import json
@@ -19,10 +20,11 @@ from shared.eval.features import extract
 from shared.eval.knn import knn_scores, topk_accuracy
 from shared.models import build_backbone
 
-EVALUATIONS = ("knn", "linear", "finetune", "seg")
+EVALUATIONS = ("knn", "linear", "finetune", "semisup", "seg")
 # evaluation -> (metric in its result, column header of the table)
 TABLE_COLUMNS = {"knn": ("top1", "knn top-1"), "linear": ("top1", "linear top-1"),
-                 "finetune": ("top1", "finetune top-1"), "seg": ("miou", "seg mIoU")}
+                 "finetune": ("top1", "finetune top-1"), "semisup": ("top1", "semisup top-1"),
+                 "seg": ("miou", "seg mIoU")}
 
 
 def check_feature_blocks(cfg: RunConfig, backbone: nn.Module) -> None:
@@ -86,13 +88,14 @@ def recompute_bn_statistics(model: nn.Module, dataset, transform, batch_size: in
 
 def evaluate_after_training(cfg: RunConfig, backbone: nn.Module, out_dir: Path,
                             what: List[str] | None = None) -> Dict[str, Dict[str, Any]]:
-    """Run `cfg.eval.after_train` (knn, linear, finetune, seg) on `backbone`, and on a random-init backbone
+    """Run `cfg.eval.after_train` (knn, linear, finetune, semisup, seg) on `backbone`, and on a random-init backbone
     when `cfg.eval.compare_random_init`; print a table and write `out_dir/eval.json` (rank 0).
-    Fine-tuning trains a copy: `backbone` is left unchanged."""
+    Fine-tuning (finetune, semisup) trains a copy: `backbone` is left unchanged."""
     from shared.errors import ConfigError
     from shared.eval.finetune import finetune
     from shared.eval.linear import linear_probe
     from shared.eval.segprobe import seg_probe
+    from shared.eval.semisup import semisup
 
     what = list(what if what is not None else cfg.eval.after_train)
     unknown = set(what) - set(EVALUATIONS)
@@ -122,6 +125,11 @@ def evaluate_after_training(cfg: RunConfig, backbone: nn.Module, out_dir: Path,
                                        out_dir / f"finetune_{name}", desc=f"finetune ({name})")
             dist.print0(f"[eval] {name}: fine-tuning top-1 {res['finetune']['top1']:.2f} "
                         f"(best {res['finetune']['best_top1']:.2f})")
+        if "semisup" in what:
+            res["semisup"] = semisup(cfg, bb, train_set, val_set, len(train_set.classes), out_dir / f"semisup_{name}",
+                                     desc=f"semisup ({name})")
+            dist.print0(f"[eval] {name}: semi-supervised fine-tuning ({res['semisup']['train_images']} images) "
+                        f"top-1 {res['semisup']['top1']:.2f} (best {res['semisup']['best_top1']:.2f})")
         if "seg" in what:
             res["seg"] = seg_probe(cfg, bb, train_set, val_set, len(train_set.classes), out_dir / f"seg_{name}",
                                    desc=f"seg probe ({name})")

@@ -1,7 +1,8 @@
-"""Evaluate a checkpoint: `python -m shared.eval runs/barlow/demo/last.pt [--what knn,linear,finetune,seg] [key=value ...]`.
+"""Evaluate a checkpoint: `python -m shared.eval runs/barlow/demo/last.pt [--what knn,linear,finetune,semisup,seg] [key=value ...]`.
 
 Our checkpoints carry their config (data, backbone, eval protocol); `key=value` overrides it, e.g.
-`eval.linear.epochs=10 eval.finetune.epochs=150 data.root=/datasets/imagenet`. A plain backbone
+`eval.linear.epochs=10 eval.finetune.epochs=150 data.root=/datasets/imagenet`
+(semisup: `eval.semisup.subset_file=1percent.txt`, SimCLR's list of training file names). A plain backbone
 state dict (torchvision keys, e.g. an exported backbone.pt or an official resnet50.pth) needs
 `--config` for the rest."""
 from __future__ import annotations
@@ -21,7 +22,7 @@ from shared.models import build_backbone
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a last.pt of ours, or a backbone state dict (with --config)")
-    p.add_argument("--what", default="knn,linear", help="comma-separated: knn, linear, finetune, seg")
+    p.add_argument("--what", default="knn,linear", help="comma-separated: knn, linear, finetune, semisup, seg")
     p.add_argument("--config", action="append", default=[], help="recipe YAML (needed for a plain state dict)")
     p.add_argument("--compare-random-init", action="store_true")
     p.add_argument("--out", default="", help="output folder (default: <checkpoint folder>/eval)")

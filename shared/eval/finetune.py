@@ -30,13 +30,25 @@ per-iteration schedule without the lag, its own weight-decay rules, another reso
 and a fine-tuning backbone with one relative position bias per block and a pooled `fc_norm`;
 `shared.eval.remap` fits the pretrained weights into it.
 
-Deviations from DeiT: no model EMA (DeiT keeps one, decay 0.99996, but only saves it: its reported
-accuracy is that of the trained model, which is what is evaluated here); no repeated augmentation
-(DeiT's RASampler shows each image 3 times per epoch on different GPUs, and an epoch covers about a
-third of the images): each epoch sees every image once; mixed precision follows `amp` (auto: bf16 on
-GPU) where DeiT used fp16 with a loss scaler (`amp=fp16`). Mixup's and timm's augmentation draws
-come from generators seeded per (seed, step, rank) and per (seed, epoch, image), so a resumed
-fine-tune sees the same batches as an uninterrupted one.
+Repeated augmentation, as DeiT's RASampler (`repeated_aug` = 3, on by default as in DeiT's main.py;
+1 = off): each epoch takes the first images of its permutation, each 3 times in a row, as many
+samples as the dataset holds (so about a third of the images an epoch, the same number of steps),
+and deals each global batch to the ranks in turn, so that the 3 copies of an image go to 3
+different ranks (world >= 3; on 2 ranks one rank gets two of them) and are augmented with 3
+different seeds (`GlobalBatchSampler(repeats=)`; the epoch length against DeiT's
+num_selected_samples is stated there). DeiT applies it only when distributed; here it holds on any
+world size, so that a step's global batch does not depend on it.
+Model EMA, as DeiT keeps it (timm's ModelEma: `model_ema`, decay `model_ema_decay` = 0.99996): a
+copy of the backbone and head made before the first step, ema = decay * ema + (1 - decay) * model
+for every parameter and floating buffer after each optimiser step (whether or not a fp16 step was
+skipped, as DeiT), on the model's device (DeiT's model_ema_force_cpu is not offered), saved in the
+checkpoint with the model (`ema.*`) so that a resumed fine-tune continues it. DeiT only saves it and
+reports the trained model, as here; `eval_ema` also evaluates it (ema_top1, ema_top5).
+
+Deviations from DeiT: mixed precision follows `amp` (auto: bf16 on GPU) where DeiT used fp16 with a
+loss scaler (`amp=fp16`). Mixup's and timm's augmentation draws come from generators seeded per
+(seed, step, rank) and per (seed, epoch, image, copy), and the data order per (seed, epoch), so a
+resumed fine-tune sees the same batches as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -64,6 +76,7 @@ from shared.eval.knn import topk_accuracy
 from shared.eval.linear import logged_best, same_backbone_as_before
 from shared.eval.remap import adapt_state_dict
 from shared.models import build_backbone
+from shared.models.momentum import momentum_copy, momentum_update
 from shared.optim import scaled_lr
 
 EMBEDDING_PARAMS = ("cls_token", "pos_embed", "dist_token", "reg_token")  # layer 0, with patch_embed.*
@@ -173,13 +186,16 @@ def stage_depths(backbone: nn.Module) -> Optional[List[int]]:
 
 
 class Finetuner(nn.Module):
-    """`backbone` (trained) -> Linear head; `forward` mixes the batch and returns the soft-target loss."""
+    """`backbone` (trained) -> Linear head; `forward` mixes the batch and returns the soft-target loss.
+    With `ema_decay` it keeps `ema`, a frozen copy of backbone and head (in its state dict, so in the
+    checkpoint) that `after_optimizer_step`, which the engine calls after each optimiser step, moves
+    towards the weights: parameters and floating buffers, as timm's ModelEma (integer buffers are kept)."""
     # a mean of per-sample losses; under gradient accumulation mixup pairs images within each
     # micro-batch, as MAE's accum_iter does (the engine still refuses a backbone with BatchNorm)
     BATCH_COUPLING = None
 
     def __init__(self, backbone: nn.Module, num_classes: int, mix: MixupCutmix, head_init_std: float = 0.02,
-                 layer_decay: float = 1.0):
+                 layer_decay: float = 1.0, ema_decay: Optional[float] = None):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.out_dim, num_classes)
@@ -192,6 +208,27 @@ class Finetuner(nn.Module):
         if layer_decay != 1.0 and self.depth is None:
             raise ConfigError(f"eval.finetune.layer_decay={layer_decay} needs a ViT or Swin backbone, "
                               f"got {type(backbone).__name__}")
+        self.ema_decay = ema_decay
+        self.ema = momentum_copy(self._online()) if ema_decay is not None else None
+        params = {n for n, _ in self._online().named_parameters()}
+        self.ema_buffers = [] if self.ema is None else [
+            k for k, v in self.ema.state_dict().items() if k not in params and v.is_floating_point()]
+
+    def _online(self) -> nn.ModuleDict:
+        """The trained modules under the names the EMA copy has (a view: nothing is copied)."""
+        return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.ema is None:
+            return
+        online, d = self._online(), self.ema_decay
+        momentum_update(online, self.ema, d)
+        for k in self.ema_buffers:      # e.g. BatchNorm running statistics (none in a ViT)
+            self.ema.get_buffer(k).mul_(d).add_(online.get_buffer(k), alpha=1.0 - d)
+
+    def ema_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ema["head"](self.ema["backbone"](x))
 
     def lr_scale(self, name: str) -> float:
         """Layer-wise lr decay, read by `shared.optim.param_groups`."""
@@ -255,7 +292,8 @@ def finetune_config(cfg: RunConfig, out_dir: Path, no_decay: Sequence[str] = ("n
         sched=ScheduleConfig(kind="cosine", warmup_epochs=fc.warmup_epochs, warmup_start=fc.warmup_lr / ref_lr,
                              final=fc.min_lr / ref_lr, per_epoch=fc.per_epoch, warmup_prefix=False,
                              lag_epochs=fc.lag_epochs),
-        train=replace(cfg.train, accum_steps=fc.accum_steps, amp=fc.amp, epochs=fc.epochs, batch_size=fc.batch_size, per_gpu_batch=0,
+        train=replace(cfg.train, accum_steps=fc.accum_steps, repeated_aug=fc.repeated_aug, amp=fc.amp,
+                      epochs=fc.epochs, batch_size=fc.batch_size, per_gpu_batch=0,
                       drop_last=True, out_dir=str(out_dir), sync_bn=False, compile=False, ckpt_every_epochs=1,
                       keep_every_epochs=0),
     )
@@ -315,13 +353,17 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
              out_dir: Path, desc: str = "finetune") -> Dict[str, float]:
     """Fine-tune a copy of `backbone` with a linear head on `train_set` (PIL images, labels) and
     evaluate on `val_set`. Returns top-1/top-5 of the last epoch and the best top-1 over evaluations
-    (DeiT prints both). A second call with the same backbone and folder resumes (or only evaluates)."""
+    (DeiT prints both), with `eval_ema` also the EMA's last top-1/top-5. A second call with the same
+    backbone and folder resumes (or only evaluates)."""
     _, device = dist.init(cfg.train.device)
     fc, ec = cfg.eval.finetune, cfg.eval
+    if fc.eval_ema and not fc.model_ema:
+        raise ConfigError("eval.finetune.eval_ema=true needs eval.finetune.model_ema=true (no EMA is kept without it)")
     resume = cfg.train.resume and same_backbone_as_before(backbone, out_dir, "fine-tuning")
     torch.manual_seed(cfg.train.seed)
     mix = MixupCutmix(num_classes, fc.mixup, fc.cutmix, fc.mixup_prob, fc.mixup_switch_prob, fc.smoothing)
-    model = Finetuner(finetune_backbone(cfg, backbone), num_classes, mix, fc.head_init_std, fc.layer_decay)
+    model = Finetuner(finetune_backbone(cfg, backbone), num_classes, mix, fc.head_init_std, fc.layer_decay,
+                      fc.model_ema_decay if fc.model_ema else None)
     dtype = autocast_dtype(fc.amp, device)
     val_tf = eval_transform(fc.img_size or ec.image_size, fc.resize or ec.resize, fc.interpolation, ec.mean, ec.std)
     best = {"top1": 0.0}
@@ -339,7 +381,12 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
             best["top1"] = max([best["top1"], *logged_best(out_dir)])
         best["top1"] = max(best["top1"], top1)
         last.update(top1=top1, top5=top5)
-        return {"top1": top1, "top5": top5, "best_top1": best["top1"]}
+        if fc.eval_ema:
+            logits, labels = extract(net.ema_logits, val_set, val_tf, ec.knn.batch_size, device, cfg.data.workers,
+                                     dtype)
+            last["ema_top1"], last["ema_top5"] = topk_accuracy(logits, labels, (1, 5))
+        return {"top1": top1, "top5": top5, "best_top1": best["top1"],
+                **{k: last[k] for k in ("ema_top1", "ema_top5") if k in last}}
 
     fcfg = finetune_config(cfg, out_dir, no_weight_decay_rules(model.backbone, fc.no_decay))
     fcfg.train.resume = resume
@@ -347,4 +394,5 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
                  on_epoch_end=evaluate, progress_desc=desc)
     if not last:  # resumed after the fine-tune had finished: evaluate the stored model once
         evaluate(result.model, fc.epochs - 1)
-    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"]}
+    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"],
+            **{k: last[k] for k in ("ema_top1", "ema_top5") if k in last}}
