@@ -23,13 +23,13 @@ def demo_results(paper: str, tmp_path, *overrides: str):
 
 @pytest.mark.slow
 def test_short_pretraining_beats_random_init(tmp_path):
-    # the demo recipe with 12 epochs instead of 16 (about 2 minutes on 2 cores)
+    # the demo recipe with 12 epochs instead of 16 (about 2 minutes on 2 cores). Over train.seed 0-4
+    # (barlow/README.md, 2026-12-02, torch 2.14.1) the linear margin was 31.3 to 45.5 points (min of the
+    # pretrained top-1 86.9), the kNN margin -11.3 to +6.8: kNN is not asserted, it would hold for 2 seeds of 5
     pre, rnd = demo_results("barlow", tmp_path, "train.epochs=12")
     res = {"pretrained": pre, "random_init": rnd}
-    # measured on this machine: kNN 86.3 vs 79.5, linear 91.2 vs 56.1
-    assert pre["knn"]["top1"] >= rnd["knn"]["top1"] + 3.0, res
-    assert pre["linear"]["top1"] >= rnd["linear"]["top1"] + 15.0, res
-    assert pre["knn"]["top1"] >= 80.0 and pre["linear"]["top1"] >= 80.0, res
+    assert pre["linear"]["top1"] >= rnd["linear"]["top1"] + 20.0, res
+    assert pre["linear"]["top1"] >= 80.0, res
 
 
 @pytest.mark.slow
