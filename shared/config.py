@@ -344,7 +344,7 @@ class SemiSupConfig:
 
 @dataclass
 class EvalConfig:
-    after_train: List[str] = field(default_factory=lambda: ["knn"])  # any of knn, linear, finetune, seg
+    after_train: List[str] = field(default_factory=lambda: ["knn"])  # any of knn, linear, finetune, seg, semisup
     compare_random_init: bool = False  # also evaluate a random-init backbone of the same architecture
     image_size: int = num(224, ">=1")
     resize: int = num(256, ">=1")             # eval transform: Resize(resize) -> CenterCrop(image_size)
