@@ -125,7 +125,7 @@ def test_demo_sized_run_fine_tunes_a_copy_in_train_mode(tmp_path):
     assert set(res) == {"top1", "top5", "best_top1", "train_images"} and res["train_images"] == 32
     assert 0 <= res["top1"] <= 100 and res["best_top1"] >= res["top1"]
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())   # a copy was trained
-    state = torch.load(tmp_path / "semisup" / "last.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "semisup" / "last.pt", weights_only=True)["model"]
     assert int(state["backbone.bn1.num_batches_tracked"]) == 4             # train mode: 2 epochs x 2 steps
     assert not torch.equal(state["backbone.conv1.weight"], before["conv1.weight"])  # the backbone trained
     lines = [json.loads(x) for x in (tmp_path / "semisup" / "metrics.jsonl").read_text().splitlines()]

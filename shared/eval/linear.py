@@ -101,15 +101,21 @@ def same_backbone_as_before(backbone: nn.Module, out_dir: Path, what: str = "lin
     """Whether an evaluation run (probe, fine-tune) left in `out_dir` started from this backbone
     (then it may resume). One of another backbone (the folder of an earlier pretraining) is started
     afresh, with a note."""
-    path = Path(out_dir) / FINGERPRINT
-    mine = fingerprint(backbone)
+    return same_as_before(out_dir, FINGERPRINT, fingerprint(backbone),
+                          f"{what}: {out_dir} holds a run of another backbone; starting afresh")
+
+
+def same_as_before(out_dir: Path, name: str, mine: str, note: str) -> bool:
+    """Whether the fingerprint `mine` equals the one a run left in `out_dir/name` (or none is there);
+    records `mine` there, and prints `note` when a different run's checkpoint will be started afresh."""
+    path = Path(out_dir) / name
     before = path.read_text().strip() if path.is_file() else None
     dist.barrier()
     if dist.is_main():
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         path.write_text(mine + "\n")
         if before is not None and before != mine and (Path(out_dir) / "last.pt").is_file():
-            print(f"{what}: {out_dir} holds a run of another backbone; starting afresh", flush=True)
+            print(note, flush=True)
     return before is None or before == mine
 
 

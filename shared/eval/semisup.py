@@ -44,7 +44,7 @@ from shared.engine import autocast_dtype, fit
 from shared.errors import ConfigError, DataError
 from shared.eval.features import extract
 from shared.eval.knn import topk_accuracy
-from shared.eval.linear import logged_best, same_backbone_as_before
+from shared.eval.linear import logged_best, same_as_before, same_backbone_as_before
 
 KEY = "eval.semisup.subset_file"
 
@@ -139,16 +139,8 @@ def subset_fingerprint(dataset: Dataset) -> str:
 def same_subset_as_before(dataset: Dataset, out_dir: Path) -> bool:
     """Whether a run left in `out_dir` trained on these images (then it may resume); else it starts
     afresh, with a note."""
-    path = Path(out_dir) / "subset.sha256"
-    mine = subset_fingerprint(dataset)
-    before = path.read_text().strip() if path.is_file() else None
-    dist.barrier()
-    if dist.is_main():
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        path.write_text(mine + "\n")
-        if before is not None and before != mine and (Path(out_dir) / "last.pt").is_file():
-            print(f"semi-supervised: {out_dir} holds a run on other training images; starting afresh", flush=True)
-    return before is None or before == mine
+    return same_as_before(out_dir, "subset.sha256", subset_fingerprint(dataset),
+                          f"semi-supervised: {out_dir} holds a run on other training images; starting afresh")
 
 
 # -------------------------------------------------------------------------------------- model
