@@ -130,10 +130,10 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def config_changes(stored: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    """(key, stored value, current value) for every setting that differs between two config dicts."""
+    """(key, stored value, current value) for every setting of `stored` that `current` has otherwise
+    (a key that `stored` lacks is a setting added since it was written: not a change)."""
     a, b = _flat(stored or {}), _flat(current)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(NOT_COMPARED)]
+    return [(k, a[k], b.get(k)) for k in sorted(a) if a[k] != b.get(k) and not k.startswith(NOT_COMPARED)]
 
 
 def check_accumulation(model: nn.Module, method: str, k: int, per_rank: int) -> None:

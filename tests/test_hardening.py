@@ -302,3 +302,10 @@ def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
     (tmp_path / "x.png").rename(tmp_path / "k" / "x.png")
     img, _ = ImageFolder(tmp_path)[0]
     assert img.mode == "RGB" and np.asarray(img)[..., 0].tolist() == (a >> 8).tolist()
+
+
+def test_a_setting_added_since_a_checkpoint_was_written_is_not_a_change():
+    from shared.engine import config_changes
+    old = {"train": {"epochs": 2, "seed": 0}, "aug": {"views": [{"size": 16}]}}
+    new = {"train": {"epochs": 2, "seed": 0, "repeated_aug": 1}, "aug": {"views": [{"size": 16}, {"size": 8}]}}
+    assert config_changes(old, new) == [("aug.views.len", 1, 2)]
