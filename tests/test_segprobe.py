@@ -142,7 +142,7 @@ def test_datasets_without_masks_are_refused(tmp_path):
     cfg = _cfg(tmp_path, "data.source=folder", f"data.root={tmp_path}")
     with pytest.raises(ConfigError, match="needs per-pixel masks: data.source=synthetic"):
         evaluate_after_training(cfg, Constant(), tmp_path, ["knn", "seg"])
-    with pytest.raises(ConfigError, match="expected knn, linear, finetune, seg"):
+    with pytest.raises(ConfigError, match="expected knn, linear, finetune, semisup, seg"):
         evaluate_after_training(_cfg(tmp_path), Constant(), tmp_path, ["segmentation"])
 
 
