@@ -45,8 +45,7 @@ def test_mocov3_demo_beats_random_init_on_knn(tmp_path):
 @pytest.mark.slow
 def test_densecl_demo_beats_random_init_on_knn_and_the_segmentation_probe(tmp_path):
     # the DenseCL demo recipe as shipped (about 4.5 minutes on 2 cores). Measured on this machine:
-    # kNN 98.05 vs 95.90 for random init, segmentation probe on C4 mIoU 64.02 vs 43.12. The kNN margin
-    # is the thinnest of three seeds (train.seed=1: 99.22 vs 94.73; train.seed=2: 99.80 vs 94.14).
+    # kNN 98.05 vs 95.90 for random init, segmentation probe on C4 mIoU 64.02 vs 43.12.
     # Over train.seed 0-4 (densecl/README.md): kNN margin +0.58 to +5.66, segmentation +17.0 to +20.9.
     pre, rnd = demo_results("densecl", tmp_path)
     res = {"pretrained": pre, "random_init": rnd}
