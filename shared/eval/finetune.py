@@ -73,7 +73,7 @@ from shared.engine import autocast_dtype, fit
 from shared.errors import ConfigError, UserError, first_line
 from shared.eval.features import extract
 from shared.eval.knn import topk_accuracy
-from shared.eval.linear import logged_best, same_backbone_as_before
+from shared.eval.linear import BestTop1, same_backbone_as_before
 from shared.eval.remap import adapt_state_dict
 from shared.models import build_backbone
 from shared.models.momentum import momentum_copy, momentum_update
@@ -366,9 +366,8 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
                       fc.model_ema_decay if fc.model_ema else None)
     dtype = autocast_dtype(fc.amp, device)
     val_tf = eval_transform(fc.img_size or ec.image_size, fc.resize or ec.resize, fc.interpolation, ec.mean, ec.std)
-    best = {"top1": 0.0}
+    best = BestTop1(out_dir)
     last: Dict[str, float] = {}
-    earlier = {"read": False}
 
     def evaluate(net: nn.Module, epoch: int) -> Dict[str, float]:
         if (epoch + 1) % max(1, fc.eval_every_epochs) and epoch + 1 != fc.epochs:
@@ -376,16 +375,13 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
         net.eval()
         logits, labels = extract(net.logits, val_set, val_tf, ec.knn.batch_size, device, cfg.data.workers, dtype)
         top1, top5 = topk_accuracy(logits, labels, (1, 5))
-        if not earlier["read"]:      # a resumed fine-tune: the evaluations of earlier attempts count too
-            earlier["read"] = True
-            best["top1"] = max([best["top1"], *logged_best(out_dir)])
-        best["top1"] = max(best["top1"], top1)
+        best.update(top1)
         last.update(top1=top1, top5=top5)
         if fc.eval_ema:
             logits, labels = extract(net.ema_logits, val_set, val_tf, ec.knn.batch_size, device, cfg.data.workers,
                                      dtype)
             last["ema_top1"], last["ema_top5"] = topk_accuracy(logits, labels, (1, 5))
-        return {"top1": top1, "top5": top5, "best_top1": best["top1"],
+        return {"top1": top1, "top5": top5, "best_top1": best.value,
                 **{k: last[k] for k in ("ema_top1", "ema_top5") if k in last}}
 
     fcfg = finetune_config(cfg, out_dir, no_weight_decay_rules(model.backbone, fc.no_decay))
@@ -394,5 +390,5 @@ def finetune(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: D
                  on_epoch_end=evaluate, progress_desc=desc)
     if not last:  # resumed after the fine-tune had finished: evaluate the stored model once
         evaluate(result.model, fc.epochs - 1)
-    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"],
+    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best.value,
             **{k: last[k] for k in ("ema_top1", "ema_top5") if k in last}}

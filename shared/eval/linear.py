@@ -132,6 +132,21 @@ def logged_best(out_dir: Path) -> List[float]:
     return values
 
 
+class BestTop1:
+    """The best top-1 of an evaluation run so far; a resumed run also counts the evaluations its
+    earlier attempts logged (read once, at its first evaluation)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.value, self.read = Path(out_dir), 0.0, False
+
+    def update(self, top1: float) -> float:
+        if not self.read:
+            self.read = True
+            self.value = max([self.value, *logged_best(self.out_dir)])
+        self.value = max(self.value, top1)
+        return self.value
+
+
 class BlockFeatures(nn.Module):
     """`backbone`'s patch tokens after block `block` (1-based), averaged: (N, width). For probing an
     intermediate layer, as SimMIM probes ViT-B at its 8th block (no class token, no final norm)."""
@@ -173,9 +188,8 @@ def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_se
         train_tf = linear_train_transform(ec.image_size, lc.crop_scale, lc.interpolation, ec.mean, ec.std)
         val_data, val_tf_used = val_set, val_tf
     resume = cfg.train.resume and same_backbone_as_before(backbone, out_dir)
-    best = {"top1": 0.0}
+    best = BestTop1(out_dir)
     last: Dict[str, float] = {}
-    earlier = {"read": False}
 
     def check_frozen() -> None:
         for k, v in backbone.state_dict().items():
@@ -190,12 +204,9 @@ def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_se
                                  0 if lc.cache_features else cfg.data.workers, dtype)
         top1, top5 = topk_accuracy(logits, labels, (1, 5))
         check_frozen()
-        if not earlier["read"]:      # a resumed probe: the evaluations of earlier attempts count too
-            earlier["read"] = True
-            best["top1"] = max([best["top1"], *logged_best(out_dir)])
-        best["top1"] = max(best["top1"], top1)
+        best.update(top1)
         last.update(top1=top1, top5=top5)
-        return {"top1": top1, "top5": top5, "best_top1": best["top1"]}
+        return {"top1": top1, "top5": top5, "best_top1": best.value}
 
     steps_per_epoch = -(-len(train_data) // lc.batch_size)
     log_every = steps_per_epoch * max(1, lc.eval_every_epochs)
@@ -206,4 +217,4 @@ def linear_probe(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_se
     if not last:  # resumed after the probe had finished: evaluate the stored classifier once
         evaluate(result.model, lc.epochs - 1)
     check_frozen()
-    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"]}
+    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best.value}

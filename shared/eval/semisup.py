@@ -44,7 +44,7 @@ from shared.engine import autocast_dtype, fit
 from shared.errors import ConfigError, DataError
 from shared.eval.features import extract
 from shared.eval.knn import topk_accuracy
-from shared.eval.linear import logged_best, same_as_before, same_backbone_as_before
+from shared.eval.linear import BestTop1, same_as_before, same_backbone_as_before
 
 KEY = "eval.semisup.subset_file"
 
@@ -199,9 +199,8 @@ def semisup(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: Da
     dtype = autocast_dtype(sc.amp, device)
     train_tf = linear_train_transform(ec.image_size, sc.crop_scale, "bilinear", ec.mean, ec.std)
     val_tf = eval_transform(ec.image_size, ec.resize, "bilinear", ec.mean, ec.std)
-    best = {"top1": 0.0}
+    best = BestTop1(out_dir)
     last: Dict[str, float] = {}
-    earlier = {"read": False}
 
     def evaluate(net: nn.Module, epoch: int) -> Dict[str, float]:
         if (epoch + 1) % sc.eval_every_epochs and epoch + 1 != sc.epochs:
@@ -209,12 +208,9 @@ def semisup(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: Da
         net.eval()
         logits, labels = extract(net.logits, val_set, val_tf, ec.knn.batch_size, device, cfg.data.workers, dtype)
         top1, top5 = topk_accuracy(logits, labels, (1, 5))
-        if not earlier["read"]:      # a resumed run: the evaluations of earlier attempts count too
-            earlier["read"] = True
-            best["top1"] = max([best["top1"], *logged_best(out_dir)])
-        best["top1"] = max(best["top1"], top1)
+        best.update(top1)
         last.update(top1=top1, top5=top5)
-        return {"top1": top1, "top5": top5, "best_top1": best["top1"]}
+        return {"top1": top1, "top5": top5, "best_top1": best.value}
 
     scfg = semisup_config(cfg, out_dir)
     scfg.train.resume = resume
@@ -222,4 +218,4 @@ def semisup(cfg: RunConfig, backbone: nn.Module, train_set: Dataset, val_set: Da
                  progress_desc=desc)
     if not last:  # resumed after the run had finished: evaluate the stored model once
         evaluate(result.model, sc.epochs - 1)
-    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"], "train_images": len(data)}
+    return {"top1": last["top1"], "top5": last["top5"], "best_top1": best.value, "train_images": len(data)}
