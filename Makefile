@@ -27,10 +27,10 @@ demo: $(STAMP)
 # by side (one thread each: most of these tests start processes and import torch, and run in one
 # process they left a core idle), then the learning tests (short pretrainings, whose margins were
 # measured with two threads) alone. pytest exits 5 when it collects nothing: a failure here, never a pass.
-LEARNING_TESTS := tests/test_learning.py
+LEARNING_TESTS := tests/test_learning.py $(wildcard tests/test_learning_*.py)
 test: $(STAMP)
 	@fail=0; \
-	for part in "-n 2 --dist loadgroup --ignore $(LEARNING_TESTS) tests" "$(LEARNING_TESTS)"; do \
+	for part in "-n 2 --dist loadgroup $(addprefix --ignore ,$(LEARNING_TESTS)) tests" "$(LEARNING_TESTS)"; do \
 		$(PY) -m pytest -q $$part; rc=$$?; \
 		if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests in: $$part" >&2; fi; \
 		if [ $$rc -ne 0 ] && [ $$fail -eq 0 ]; then fail=$$rc; fi; \

@@ -1,6 +1,7 @@
 """Shared test helpers: a 2-process gloo runner, tiny configs, subprocess runs of the CLIs."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -82,3 +83,14 @@ def tiny_overrides(tmp_path) -> List[str]:
 def _threads():
     torch.set_num_threads(THREADS)
     yield
+
+
+def demo_results(paper: str, tmp_path, *overrides: str):
+    """Run `<paper>/train.py` on its demo recipe (with overrides); return (pretrained, random_init) results."""
+    # two threads, as the margins below were measured (the last digits, and at this budget sometimes more,
+    # depend on the thread count), whatever the machine's core count or the worker's setting
+    r = run_cli([f"{paper}/train.py", "--config", str(ROOT / f"{paper}/configs/demo.yaml"), *overrides,
+                 f"train.out_dir={tmp_path}", "train.tensorboard=false"], env={"OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "eval.json").read_text())
+    return res["pretrained"], res["random_init"]

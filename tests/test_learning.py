@@ -7,18 +7,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_cli
-
-
-def demo_results(paper: str, tmp_path, *overrides: str):
-    """Run `<paper>/train.py` on its demo recipe (with overrides); return (pretrained, random_init) results."""
-    # two threads, as the margins below were measured (the last digits, and at this budget sometimes more,
-    # depend on the thread count), whatever the machine's core count or the worker's setting
-    r = run_cli([f"{paper}/train.py", "--config", str(ROOT / f"{paper}/configs/demo.yaml"), *overrides,
-                 f"train.out_dir={tmp_path}", "train.tensorboard=false"], env={"OMP_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "eval.json").read_text())
-    return res["pretrained"], res["random_init"]
+from conftest import demo_results
 
 
 @pytest.mark.slow

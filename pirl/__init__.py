@@ -1,0 +1,1 @@
+"""PIRL (Misra & van der Maaten, CVPR 2020): pretext-invariant representation learning."""
