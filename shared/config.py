@@ -291,6 +291,8 @@ class FinetuneConfig:
     amp: str = choice("auto", "auto", "bf16", "fp16", "fp32")  # DeiT: fp16 with a GradScaler
     per_epoch: bool = True        # lr held within an epoch (DeiT); false: per iteration (SimMIM)
     lag_epochs: int = num(1, ">=0")           # DeiT steps its scheduler after each epoch (SimMIM: 0)
+    warmup_prefix: bool = False   # false: timm's cosine counted from step 0, warm-up included (DeiT, SimMIM);
+                                  # true: the cosine starts after the warm-up (MAE / ConvMAE util/lr_sched.py)
     no_decay: Optional[List[str]] = None  # weight-decay exclusion rules (optim.no_decay syntax); null: 1-D,
                                   # biases and the backbone's no_weight_decay() set (timm's create_optimizer)
     img_size: int = num(0, ">=0")             # fine-tuning resolution (0: eval.image_size), e.g. Swin 192 -> 224

@@ -235,7 +235,9 @@ class Finetuner(nn.Module):
         if self.layer_decay == 1.0:
             return 1.0
         short = name[len("backbone."):] if name.startswith("backbone.") else name
-        return self.layer_decay ** (self.depth + 1 - layer_id(short, self.depth, self.stages))
+        own = getattr(self.backbone, "lr_decay_layer_id", None)     # a backbone's own map (ConvViT)
+        lid = own(short) if callable(own) else layer_id(short, self.depth, self.stages)
+        return self.layer_decay ** (self.depth + 1 - lid)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -290,7 +292,7 @@ def finetune_config(cfg: RunConfig, out_dir: Path, no_decay: Sequence[str] = ("n
         optim=OptimConfig(name="adamw", lr=fc.lr, lr_ref_batch=fc.lr_ref_batch, weight_decay=fc.weight_decay,
                           no_decay=list(no_decay), betas=tuple(fc.betas), eps=fc.eps, clip_grad=fc.clip_grad),
         sched=ScheduleConfig(kind="cosine", warmup_epochs=fc.warmup_epochs, warmup_start=fc.warmup_lr / ref_lr,
-                             final=fc.min_lr / ref_lr, per_epoch=fc.per_epoch, warmup_prefix=False,
+                             final=fc.min_lr / ref_lr, per_epoch=fc.per_epoch, warmup_prefix=fc.warmup_prefix,
                              lag_epochs=fc.lag_epochs),
         train=replace(cfg.train, accum_steps=fc.accum_steps, repeated_aug=fc.repeated_aug, amp=fc.amp,
                       epochs=fc.epochs, batch_size=fc.batch_size, per_gpu_batch=0,
