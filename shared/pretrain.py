@@ -31,11 +31,15 @@ def environment_line(device: torch.device) -> str:
 
 
 def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], method: str,
-             make_transform: Optional[Callable[[RunConfig, nn.Module], Callable]] = None) -> Dict[str, Any]:
+             make_transform: Optional[Callable[[RunConfig, nn.Module], Callable]] = None,
+             extra_eval: Optional[Callable[[RunConfig, nn.Module, Any, Dict[str, Any]], Dict[str, Any]]] = None
+             ) -> Dict[str, Any]:
     """What every paper's `train.py` calls: build the multi-view dataset from `cfg.data`/`cfg.aug`,
     train with `fit`, export the backbone, then run the evaluations listed in `cfg.eval.after_train`.
     `make_transform(cfg, model)` replaces the multi-view transform (SimMIM: one view and a mask on
-    the model's token grid)."""
+    the model's token grid). `extra_eval(cfg, model, out_dir, results)`, where given, runs after those
+    evaluations (before the run counts as done) and returns the results with its own added (VADeR:
+    the dense probe on its decoder); it writes them to `out_dir/eval.json` itself."""
     if cfg.eval.after_train and cfg.data.source == "images":
         raise ConfigError(f"eval.after_train={list(cfg.eval.after_train)} needs class labels and data.source=images "
                           "has none: set eval.after_train=[] and evaluate the checkpoint on a labelled set")
@@ -43,10 +47,11 @@ def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], meth
     cfg.train.batch_size = global_batch(cfg.train, dist.world_size())   # before the model reads it
     # the output folder is this run's from here to the end (a second run on it stops at once)
     with ckpt.folder_lock(output_dir(cfg, method), enabled=dist.is_main()):
-        return _pretrain(cfg, build_model, method, make_transform, device)
+        return _pretrain(cfg, build_model, method, make_transform, device, extra_eval)
 
 
-def _pretrain(cfg: RunConfig, build_model, method: str, make_transform, device: torch.device) -> Dict[str, Any]:
+def _pretrain(cfg: RunConfig, build_model, method: str, make_transform, device: torch.device,
+              extra_eval=None) -> Dict[str, Any]:
     if dist.is_main():
         (output_dir(cfg, method) / DONE).unlink(missing_ok=True)          # this run is not finished
     t0 = time.time()
@@ -66,6 +71,8 @@ def _pretrain(cfg: RunConfig, build_model, method: str, make_transform, device: 
     report: Dict[str, Any] = {"out_dir": str(result.out_dir)}
     if cfg.eval.after_train:
         report["eval"] = evaluate_after_training(cfg, result.model.backbone, result.out_dir)
+        if extra_eval is not None:
+            report["eval"] = extra_eval(cfg, result.model, result.out_dir, report["eval"])
     if dist.is_main():     # the launcher does not requeue a run that has written this
         (result.out_dir / DONE).write_text(json.dumps({"steps": result.steps, "time": time.time()}) + "\n")
     return report
