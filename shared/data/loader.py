@@ -47,10 +47,14 @@ class SeededDataset(Dataset):
     Where the base offers undecoded files (an `ImageFolder` built with `data.fast_path`) and the
     transform takes them (`MultiView`), it hands over the file, which the transform decodes; a
     file that fails to decode there is skipped as the base skips unreadable files (the next
-    image, with the generator seeded afresh, as if the base had skipped it)."""
+    image, with the generator seeded afresh, as if the base had skipped it).
+
+    A transform with `takes_index = True` is called as `transform(x, index=index)`: for a method whose
+    sample needs its dataset index (PIRL: the memory-bank row). Other transforms are called as before."""
 
     def __init__(self, base: Dataset, transform: Optional[Callable] = None):
         self.base, self.transform = base, transform
+        self.takes_index = bool(getattr(transform, "takes_index", False))
         cfg = getattr(base, "loader_config", None)
         self.encoded = bool(getattr(cfg, "fast_path", False) and getattr(transform, "takes_encoded", False)
                             and hasattr(base, "skip"))
@@ -63,15 +67,18 @@ class SeededDataset(Dataset):
         if not self.encoded:
             torch.random.default_generator.manual_seed(seed)
             x, y = self.base[index]
-            return (self.transform(x) if self.transform is not None else x), y
+            return (self._apply(x, index) if self.transform is not None else x), y
         for attempt in range(len(self.base)):
             torch.random.default_generator.manual_seed(seed)
             x, y = self.base.__getitem__((index + attempt) % len(self.base), encoded=True)
             try:
-                return self.transform(x), y
+                return self._apply(x, (index + attempt) % len(self.base)), y
             except DataError as exc:
                 self.base.skip(exc)
         raise DataError("no readable image in the dataset")
+
+    def _apply(self, x, index: int):
+        return self.transform(x, index=index) if self.takes_index else self.transform(x)
 
 
 class GlobalBatchSampler(Sampler[List[Tuple[int, int]]]):
