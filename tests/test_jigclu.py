@@ -282,8 +282,8 @@ class _Recording(JigClu):
 
 
 def _fit(out_dir, kill_at):
-    cfg = recipe("demo", "data.synthetic.length=32", "data.synthetic.val_length=16", "data.synthetic.image_size=32",
-                 "data.workers=0", "aug.views.0.size=16", "train.batch_size=8", "train.epochs=2",
+    cfg = recipe("demo", "data.synthetic.length=16", "data.synthetic.val_length=16", "data.synthetic.image_size=32",
+                 "data.workers=0", "aug.views.0.size=16", "train.batch_size=4", "train.epochs=2",
                  "train.ckpt_every_steps=5", "train.tensorboard=false", "eval.after_train=[]", f"train.out_dir={out_dir}")
     torch.manual_seed(0)
     model = _Recording(replace(cfg.model, backbone=BackboneConfig(name="resnet18"), dim=16), seed=cfg.train.seed)
@@ -305,3 +305,35 @@ def test_killed_run_resumes_with_the_same_montages_and_losses(tmp_path):
     for a, b in zip(resumed, full[5:]):
         assert a[:3] == b[:3]                                   # the same montages
         assert a[3] == pytest.approx(b[3], rel=1e-6)            # and the same state
+
+
+# ------------------------------------------------------------------------------------- transfer
+def test_coco_detection_config_merges_with_the_official_values():
+    from conftest import import_or_skip
+    import_or_skip("detectron2", reason="detectron2 is not installed (the transfer environment)")
+    from detectron2.config import get_cfg
+    cfg = get_cfg()
+    cfg.merge_from_file(str(CONFIGS / "detectron2" / "coco_r50_fpn_jigclu_180k.yaml"))
+    assert (cfg.MODEL.MASK_ON, cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM) == \
+        (False, 0, "SyncBN", "SyncBN")
+    assert (cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.NUM_FC, cfg.MODEL.ROI_BOX_HEAD.NORM) == (4, 1, "SyncBN")
+    assert (cfg.MODEL.RESNETS.STRIDE_IN_1X1, cfg.INPUT.FORMAT, cfg.TEST.PRECISE_BN.ENABLED) == (False, "RGB", True)
+    assert (cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == (6000, 1000)
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, tuple(cfg.SOLVER.STEPS), cfg.SOLVER.MAX_ITER) == \
+        (8, 0.01, (120000, 160000), 180000)
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(640, 801, 32)) and cfg.DATASETS.TRAIN == ("coco_2017_train",)
+
+
+def test_our_checkpoint_converts_to_detectron2_names_without_the_heads(tmp_path):
+    from shared import checkpoint as ckpt
+    from shared.config import to_dict
+    from shared.transfer.convert import read_backbone, to_detectron2
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = ckpt.training_state(model, opt, torch.amp.GradScaler("cuda", enabled=False), 1, 0, to_dict(recipe("demo")),
+                                "jigclu")
+    torch.save(state, tmp_path / "last.pt")
+    sd, _ = read_backbone(tmp_path / "last.pt")
+    names = set(to_detectron2(sd, "jigclu")["model"])
+    assert "stem.conv1.weight" in names and "stem.conv1.norm.running_mean" in names
+    assert "res5.1.conv2.norm.weight" in names and not any("fc" in n for n in names)
