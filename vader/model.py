@@ -42,7 +42,8 @@ STRIDE = 4          # the decoder's output stride: 56 x 56 cells for a 224 input
 class VADeRModelConfig(ModelConfig):
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="resnet50"))
     fpn_dim: int = num(256, ">=1")          # FPN width (detectron2 FPN.OUT_CHANNELS)
-    head_dim: int = num(128, ">=1")         # semantic head width (SEM_SEG_HEAD.CONVS_DIM); a multiple of 32 (GroupNorm)
+    head_dim: int = num(128, ">=1")         # semantic head width (SEM_SEG_HEAD.CONVS_DIM); a multiple of gn_groups
+    gn_groups: int = num(32, ">=1")         # GroupNorm groups in the head (detectron2: 32)
     dim: int = num(128, ">=1")              # embedding width: 128 x 56 x 56 at 224 (the paper)
     queue_len: int = num(65536, ">=1")      # pixel keys; a multiple of matches x global batch
     temperature: float = num(0.2, ">0")
@@ -69,10 +70,11 @@ def c2_msra_fill(m: nn.Conv2d) -> None:
 class FPNDecoder(nn.Module):
     """C2..C5 (strides 4..32) -> one (B, dim, H/4, W/4) map (not normalised)."""
 
-    def __init__(self, in_channels: Sequence[int], fpn_dim: int = 256, head_dim: int = 128, dim: int = 128):
+    def __init__(self, in_channels: Sequence[int], fpn_dim: int = 256, head_dim: int = 128, dim: int = 128,
+                 gn_groups: int = 32):
         super().__init__()
-        if head_dim % 32:
-            raise ConfigError(f"model.head_dim={head_dim}: GroupNorm(32) needs a multiple of 32")
+        if head_dim % gn_groups:
+            raise ConfigError(f"model.head_dim={head_dim}: GroupNorm({gn_groups}) needs a multiple of model.gn_groups")
         self.lateral = nn.ModuleList(nn.Conv2d(c, fpn_dim, 1) for c in in_channels)
         self.output = nn.ModuleList(nn.Conv2d(fpn_dim, fpn_dim, 3, padding=1) for _ in in_channels)
         for m in [*self.lateral, *self.output]:
@@ -83,7 +85,7 @@ class FPNDecoder(nn.Module):
             for k in range(max(1, level)):
                 conv = nn.Conv2d(fpn_dim if k == 0 else head_dim, head_dim, 3, padding=1, bias=False)
                 c2_msra_fill(conv)
-                ops += [conv, nn.GroupNorm(32, head_dim), nn.ReLU(inplace=True)]
+                ops += [conv, nn.GroupNorm(gn_groups, head_dim), nn.ReLU(inplace=True)]
                 if level > 0:
                     ops.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
             self.heads.append(nn.Sequential(*ops))
@@ -132,7 +134,7 @@ class VADeR(nn.Module):
                               "(our last.pt or the authors' moco_v2_*.pth.tar)")
         if cfg.init_backbone:
             load_backbone(self.backbone, cfg.init_backbone)
-        self.decoder = FPNDecoder(self.backbone.stage_channels, cfg.fpn_dim, cfg.head_dim, cfg.dim)
+        self.decoder = FPNDecoder(self.backbone.stage_channels, cfg.fpn_dim, cfg.head_dim, cfg.dim, cfg.gn_groups)
         per_step = cfg.matches * global_batch
         if cfg.queue_len % per_step:
             raise ConfigError(f"model.queue_len={cfg.queue_len} must be a multiple of model.matches x train.batch_size "

@@ -50,7 +50,8 @@ def decoder_probe(cfg: Config, model: VADeR, out_dir: Path, results: Dict[str, A
         backbone = random_backbone(cfg, train_set)
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
-        nets["random_init"] = DenseEncoder(backbone, FPNDecoder(backbone.stage_channels, m.fpn_dim, m.head_dim, m.dim))
+        nets["random_init"] = DenseEncoder(backbone, FPNDecoder(backbone.stage_channels, m.fpn_dim, m.head_dim, m.dim,
+                                                                     m.gn_groups))
     for name, net in nets.items():
         res = seg_probe(probe_cfg, net, train_set, val_set, len(train_set.classes), out_dir / f"seg_decoder_{name}",
                         desc=f"seg probe on the decoder ({name})")
