@@ -383,6 +383,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_same_bank_z_and_weights(tmp_path):
     from shared.data.loader import build_image_dataset
     from shared.engine import fit
