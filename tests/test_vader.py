@@ -3,7 +3,6 @@ network and the queue (also across two gloo processes), and the recipes."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +16,7 @@ from shared.config import BackboneConfig, ViewConfig, build_config
 from shared.errors import ConfigError
 from vader.correspondence import cell_centres, correspondence, overlap_cells, sample_matches
 from vader.loss import gather_pixels, pixel_info_nce
-from vader.model import STRIDE, FPNDecoder, VADeR, VADeRModelConfig
+from vader.model import STRIDE, VADeR, VADeRModelConfig
 from vader.train import Config
 from vader.views import PairedViews
 

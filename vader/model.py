@@ -19,9 +19,8 @@ summed at stride 4) and a 1x1 conv 128 -> `dim` (detectron2's predictor, here th
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn as nn
