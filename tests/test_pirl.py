@@ -388,7 +388,8 @@ def test_killed_run_resumes_with_the_same_bank_z_and_weights(tmp_path):
     from shared.data.loader import build_image_dataset
     from shared.engine import fit
     over = ["data.synthetic.length=16", "data.synthetic.image_size=16", "data.workers=0", "aug.image_size=16",
-            "aug.jigsaw_size=18", "aug.patch_jitter=2", "model.num_negatives=16", "train.batch_size=8",
+            "aug.jigsaw_size=18", "aug.patch_jitter=2", "model.num_negatives=16", "model.loss=nce",
+            "model.temperature=0.07", "train.batch_size=8",
             "train.epochs=2", "train.log_every=1", "train.tensorboard=false", "eval.after_train=[]",
             "eval.compare_random_init=false"]
 
