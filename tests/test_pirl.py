@@ -193,8 +193,10 @@ def tiny_batch(b=4, image=16, patch=8, seed=0, offset=0):
 
 
 def test_head_parameter_counts_and_the_w2_trunk():
+    # built on the meta device: the same modules and shapes, without allocating or initialising 94M weights
     def heads(**kw):
-        m = PIRL(PIRLModelConfig(num_data=4, **kw))
+        with torch.device("meta"):
+            m = PIRL(PIRLModelConfig(num_data=4, **kw))
         return count_parameters(m.image_head), count_parameters(m.patch_head), m
     img, pat, m = heads()
     assert (img, pat) == (2048 * 128 + 128, 2048 * 128 + 128 + 1152 * 128 + 128) == (262_272, 409_856)
@@ -207,7 +209,11 @@ def test_head_parameter_counts_and_the_w2_trunk():
     assert m.backbone.out_dim == 4096 and m.backbone.conv1.out_channels == 128
     assert m.backbone.layer1[0].conv2.out_channels == 128 and m.backbone.layer4[0].conv1.out_channels == 1024
     assert count_parameters(m.backbone) == 93_907_072   # ResNet-50 (2x) as SimCLR / VISSL: 94M
-    assert m(tiny_batch(2, 64, 32), None)["loss"].isfinite()
+    # every widened layer fits the next: the trunk and both heads run end to end (shapes, on meta)
+    x, _ = tiny_batch(2, 64, 32)
+    g = m.patch_head(m.backbone(x["patches"].flatten(0, 1).to("meta")))
+    f = m.image_head(m.backbone(x["image"].to("meta")))
+    assert g.shape == f.shape == (2, 128)
 
 
 def test_trunk_starts_from_pytorchs_default_init_as_vissl_leaves_it():
