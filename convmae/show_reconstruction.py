@@ -15,18 +15,14 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 from convmae.loss import patchify, unpatchify
 from convmae.model import make_transform, upsample_mask
 from convmae.train import Config, build
 from shared import checkpoint as ckpt
-from shared.data.augment import to_pil
+from shared.data.augment import reconstruction_sheet
 from shared.data.loader import build_image_dataset
 from shared.errors import cli_main
-
-TITLES = ("input", "masked", "reconstruction", "visible + reconstructed")
-
 
 @cli_main
 def main(argv=None) -> None:
@@ -56,17 +52,7 @@ def main(argv=None) -> None:
     rec = unpatchify(pred, ps)
     pix = upsample_mask(mask, model.backbone.grid, ps).to(x.dtype)
     view = cfg.aug.views[0]
-    grey = torch.tensor([(0.5 - mu) / sd for mu, sd in zip(view.mean, view.std)]).view(1, 3, 1, 1)
-    panels = [x, x * (1 - pix) + grey * pix, rec, x * (1 - pix) + rec * pix]
-    scale = max(1, 128 // x.shape[-1])
-    size, gap, head = x.shape[-1] * scale, 8, 18
-    sheet = Image.new("RGB", (4 * size + 3 * gap, head + len(xs) * (size + gap) - gap), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, title in enumerate(TITLES):
-        draw.text((c * (size + gap) + 2, 2), title, fill=(0, 0, 0))
-    for r in range(len(xs)):
-        for c, panel in enumerate(panels):
-            sheet.paste(to_pil(panel[r], view.mean, view.std, scale), (c * (size + gap), head + r * (size + gap)))
+    sheet = reconstruction_sheet(x, pix, rec, view.mean, view.std)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent / "reconstruction.png"
     sheet.save(out)
     print(f"wrote {out} ({len(xs)} images, loss {loss.item():.4f})")

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps, ImageStat
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps, ImageStat
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -126,6 +126,27 @@ def to_pil(x: torch.Tensor, mean, std, scale: int = 1) -> Image.Image:
     rgb = (x.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
     img = Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale != 1 else img
+
+
+RECONSTRUCTION_TITLES = ("input", "masked", "reconstruction", "visible + reconstructed")
+
+
+def reconstruction_sheet(x: torch.Tensor, pix: torch.Tensor, rec: torch.Tensor, mean, std) -> Image.Image:
+    """The picture of a masked-image-modelling run (SimMIM, ConvMAE): one row per image of `x` (B, 3, H, W,
+    normalised), with its masked pixels `pix` (B, 1, H, W; 1 = masked) greyed out, the reconstruction `rec`,
+    and the reconstruction pasted into the visible pixels; enlarged to at least 128 px."""
+    grey = torch.tensor([(0.5 - mu) / sd for mu, sd in zip(mean, std)]).view(1, 3, 1, 1)
+    panels = [x, x * (1 - pix) + grey * pix, rec, x * (1 - pix) + rec * pix]
+    scale = max(1, 128 // x.shape[-1])
+    size, gap, head = x.shape[-1] * scale, 8, 18
+    sheet = Image.new("RGB", (4 * size + 3 * gap, head + len(x) * (size + gap) - gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(RECONSTRUCTION_TITLES):
+        draw.text((c * (size + gap) + 2, 2), title, fill=(0, 0, 0))
+    for r in range(len(x)):
+        for c, panel in enumerate(panels):
+            sheet.paste(to_pil(panel[r], mean, std, scale), (c * (size + gap), head + r * (size + gap)))
+    return sheet
 
 
 # ------------------------------------------------------------------------------- the fast path
