@@ -20,7 +20,7 @@ from shared.data.augment import MultiView
 from shared.data.loader import build_image_dataset
 from shared.engine import fit, global_batch, output_dir
 from shared.errors import ConfigError
-from shared.eval import check_feature_blocks, evaluate_after_training
+from shared.eval import check_feature_blocks, evaluate_after_training, format_table
 
 DONE = "done.json"   # written by `pretrain` once training, export and evaluation have finished
 
@@ -39,7 +39,7 @@ def pretrain(cfg: RunConfig, build_model: Callable[[RunConfig], nn.Module], meth
     `make_transform(cfg, model)` replaces the multi-view transform (SimMIM: one view and a mask on
     the model's token grid). `extra_eval(cfg, model, out_dir, results)`, where given, runs after those
     evaluations (before the run counts as done) and returns the results with its own added (VADeR:
-    the dense probe on its decoder); it writes them to `out_dir/eval.json` itself."""
+    the dense probe on its decoder), which are then printed and written to `out_dir/eval.json` again."""
     if cfg.eval.after_train and cfg.data.source == "images":
         raise ConfigError(f"eval.after_train={list(cfg.eval.after_train)} needs class labels and data.source=images "
                           "has none: set eval.after_train=[] and evaluate the checkpoint on a labelled set")
@@ -73,6 +73,9 @@ def _pretrain(cfg: RunConfig, build_model, method: str, make_transform, device: 
         report["eval"] = evaluate_after_training(cfg, result.model.backbone, result.out_dir)
         if extra_eval is not None:
             report["eval"] = extra_eval(cfg, result.model, result.out_dir, report["eval"])
+            if dist.is_main():
+                (result.out_dir / "eval.json").write_text(json.dumps(report["eval"], indent=2))
+                print(format_table(report["eval"]), flush=True)
     if dist.is_main():     # the launcher does not requeue a run that has written this
         (result.out_dir / DONE).write_text(json.dumps({"steps": result.steps, "time": time.time()}) + "\n")
     return report

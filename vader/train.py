@@ -7,7 +7,6 @@ network and, with `eval.compare_random_init`, a random-init ResNet + decoder; bo
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
@@ -18,7 +17,7 @@ from shared import dist
 from shared.config import RunConfig, load_config
 from shared.data.loader import build_image_dataset
 from shared.errors import cli_main
-from shared.eval import format_table, random_backbone
+from shared.eval import random_backbone
 from shared.eval.segprobe import seg_probe
 from shared.pretrain import pretrain
 from vader.model import STRIDE, DenseEncoder, FPNDecoder, VADeR, VADeRModelConfig
@@ -58,9 +57,6 @@ def decoder_probe(cfg: Config, model: VADeR, out_dir: Path, results: Dict[str, A
         results.setdefault(name, {})["seg_decoder"] = res
         dist.print0(f"[eval] {name}: seg probe on the decoder output mIoU {res['miou']:.2f}, "
                     f"pixel acc {res['pixel_acc']:.2f}")
-    if dist.is_main():
-        (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
-        print(format_table(results), flush=True)
     return results
 
 
