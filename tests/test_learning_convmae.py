@@ -1,5 +1,7 @@
-"""ConvMAE must learn on the CPU demo: the reconstruction loss falls. The demo does NOT beat a random-init
-encoder on kNN (measured below, convmae/README.md "The demo"): that part of issue #19 is not met."""
+"""ConvMAE must learn on the CPU demo: the reconstruction loss falls, and fine-tuning the pretrained encoder
+beats fine-tuning a random-init encoder of the same shape with the same recipe (ConvMAE's headline protocol
+is fine-tuning). kNN, the linear probe and the segmentation probe do NOT beat random init on this demo
+(measured, convmae/README.md "The demo")."""
 from __future__ import annotations
 
 import json
@@ -10,13 +12,18 @@ from conftest import demo_results
 
 
 @pytest.mark.slow
-def test_convmae_demo_reconstruction_loss_falls(tmp_path):
-    # the demo recipe as shipped (10 epochs of 16 steps; 160 s of training + 40 s of kNN at OMP_NUM_THREADS=1
-    # on this machine with load 8 from other jobs: over the 2-minute budget). Measured 2026-12-03, torch 2.14.1:
+def test_convmae_demo_loss_falls_and_finetuning_beats_random_init(tmp_path):
+    # the demo recipe (10 epochs of 16 steps) with the fine-tuning evaluation only (`eval.finetune` of demo.yaml:
+    # the ConvViT-B recipe shortened to 10 epochs, run on the pretrained and on a random-init encoder).
+    # Measured 2026-12-03, torch 2.14.1, OMP_NUM_THREADS=1, load 5-8 from other jobs on 2 cores: 380-500 s in
+    # all (training 130 s, each fine-tuning about 150 s) -- over the 2-minute budget.
     # loss of the first logged epoch -> last: seed 0 1.54 -> 0.41, seed 1 1.39 -> 0.42, seed 2 1.39 -> 0.39.
-    # kNN top-1 pretrained / random init: seed 0 72.3 / 81.6, seed 1 74.2 / 79.7, seed 2 75.8 / 80.3 (random init wins by 4.5 to 9.4).
-    pre, rnd = demo_results("convmae", tmp_path)
+    # Fine-tuning top-1 (last epoch) pretrained / random init: seed 0 37.3 / 20.9 (+16.4), seed 1 34.6 / 18.8
+    # (+15.8), seed 2 39.3 / 18.6 (+20.7). kNN (not asserted): 72.3 / 81.6, 74.2 / 79.7, 75.8 / 80.3.
+    # threshold 8 points: half the smallest margin, as the val top-1 moves by several points between epochs
+    pre, rnd = demo_results("convmae", tmp_path, "eval.after_train=[finetune]")
+    res = {"pretrained": pre, "random_init": rnd}
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert pre["knn"]["top1"] >= 50.0, (pre, rnd)        # 8 classes: chance is 12.5
+    assert pre["finetune"]["top1"] >= rnd["finetune"]["top1"] + 8.0, res
