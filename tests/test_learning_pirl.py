@@ -1,6 +1,7 @@
-"""PIRL's demo pretraining: what it is measured to do on CPU. It does NOT yet beat a random-init
-backbone on kNN (see below and pirl/README.md, "The demo"), so this test asserts only that the
-InfoNCE-against-the-bank loss falls and that both evaluations are recorded."""
+"""PIRL's demo pretraining beats a random-init backbone on the linear probe. It does NOT beat it on
+kNN (pirl/README.md, "The demo"): kNN is asserted only to stay clear of the collapse the previous
+demo's lr caused, with the trunk's BatchNorm statistics recomputed on the training images as the
+random-init baseline gets them (`eval.bn_recompute`, ours)."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,16 @@ from conftest import demo_results
 
 
 @pytest.mark.slow
-def test_pirl_demo_loss_falls_and_knn_is_recorded(tmp_path):
-    # Measured once (train.seed 0, 2026-12-03, torch 2.14.1, 2 threads on a shared 2-core machine at load
-    # 8-11: 1160 s of pretraining): loss 8.72 (epoch 0) -> 7.26 (epoch 3); kNN 56.25 vs 91.02 for random
-    # init (margin -34.8). With the headline NCE loss (6 epochs): kNN 34.57 vs 91.02 (margin -56.5).
-    # Not measured over seeds; no threshold on the kNN margin can be set from these runs.
+def test_pirl_demo_beats_random_init_on_the_linear_probe(tmp_path):
+    # Measured 2026-12-03 (torch 2.14.1) on a shared 2-core machine at load 5-8, train.seed 0 with 2
+    # threads as here, seeds 1 and 2 with 1 thread (pirl/README.md, "Seeds"):
+    #   seed  linear pretrained / random (margin)   kNN as trained / BN recomputed / random
+    #   0     94.14 / 83.20 (+10.9)                 82.03 / 88.28 / 91.02
+    #   1     94.53 / 79.30 (+15.2)                 77.34 / 87.70 / 90.04
+    #   2     92.19 / 79.49 (+12.7)                 74.22 / 87.89 / 92.58
+    # The lr 0.03 of the previous demo collapsed the trunk (kNN 37-58, every score equal).
     pre, rnd = demo_results("pirl", tmp_path)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]
-    assert losses[-1] < 0.95 * losses[0], losses
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert pre["linear"]["top1"] >= rnd["linear"]["top1"] + 8.0, res
+    assert res["pretrained_bn_recomputed"]["knn"]["top1"] >= 80.0, res      # no collapse
     assert 0.0 <= pre["knn"]["top1"] <= 100.0 and 0.0 <= rnd["knn"]["top1"] <= 100.0
