@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
@@ -14,7 +13,7 @@ from shared.config import DataConfig, EvalConfig, RunConfig, load_config
 from shared.data.augment import eval_transform
 from shared.data.loader import build_image_dataset
 from shared.errors import ConfigError, cli_main
-from shared.eval import format_table, knn_eval, recompute_bn_statistics
+from shared.eval import knn_eval, recompute_bn_statistics
 from shared.pretrain import pretrain
 
 
@@ -70,9 +69,6 @@ def knn_bn_recomputed(cfg: Config, model: PIRL, out_dir: Path, results: Dict[str
     results["pretrained_bn_recomputed"] = {"knn": res}
     dist.print0(f"[eval] pretrained, BatchNorm statistics recomputed on the training images (ours): kNN top-1 "
                 f"{res['top1']:.2f}")
-    if dist.is_main():
-        (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
-        print(format_table(results), flush=True)
     return results
 
 
